@@ -1,0 +1,26 @@
+"""Wanda: one-shot pruning of causal LMs by |W| * ||X||, written from the paper.
+
+The library knows nothing of orchestration; use it from a notebook as well as from the pipeline.
+"""
+import logging
+
+from .architecture import BlockLayout, discover
+from .calibration import CalibrationConfig, CalibrationSet, sample_calibration
+from .config import PruneConfig
+from .data import TextSource
+from .errors import (ArtifactMismatchError, CalibrationError, ConfigError, EvaluationError,
+                     UnsupportedArchitectureError, WandaError)
+from .masks import apply_masks, load_masks, save_masks, sparsity_report
+from .model_io import EMBEDDED_DEFAULT, fingerprint, load_model, materialize
+from .prune import collect_statistics, compute_masks, prune_model
+from .statistics import ActivationStatistics
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ActivationStatistics", "ArtifactMismatchError", "BlockLayout", "CalibrationConfig", "CalibrationError",
+    "CalibrationSet", "ConfigError", "EMBEDDED_DEFAULT", "EvaluationError", "PruneConfig", "TextSource",
+    "UnsupportedArchitectureError", "WandaError", "apply_masks", "collect_statistics", "compute_masks",
+    "discover", "fingerprint", "load_masks", "load_model", "materialize", "prune_model", "sample_calibration",
+    "save_masks", "sparsity_report",
+]

@@ -1,0 +1,124 @@
+"""Masks from scores (True = pruned), their bit-packed storage, application and reports."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_temp_path
+from .errors import ArtifactMismatchError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """In every output row, prune the ``int(in * sparsity)`` lowest scores (ties: lower index first)."""
+    out_features, in_features = scores.shape
+    k = int(in_features * sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k == 0:
+        return mask
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+    return mask.scatter_(1, order, True)
+
+
+def unstructured_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the ``int(numel * sparsity)`` lowest scores of the whole layer (magnitude baseline)."""
+    k = int(scores.numel() * sparsity)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
+    return flat.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the ``n`` lowest of every ``m`` consecutive inputs of each row."""
+    out_features, in_features = scores.shape
+    if in_features % m:
+        raise ConfigError("pattern", f"input size {in_features} is not divisible by M={m}")
+    groups = scores.reshape(out_features, in_features // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[:, :, :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
+    return mask.reshape(out_features, in_features)
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "row") -> torch.Tensor:
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if scope == "layer":
+        return unstructured_layer_mask(scores, sparsity)
+    return unstructured_row_mask(scores, sparsity)
+
+
+def is_nm(mask_or_weight: torch.Tensor, n: int, m: int, is_mask: bool = True) -> bool:
+    """True when every group of ``m`` consecutive inputs has at least ``n`` pruned (zero) entries."""
+    pruned = mask_or_weight if is_mask else mask_or_weight == 0
+    out_features, in_features = pruned.shape
+    if in_features % m:
+        return False
+    return bool((pruned.reshape(out_features, -1, m).sum(-1) >= n).all())
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], verify: bool = True) -> None:
+    """Zero exactly the masked weights; with ``verify`` check every masked weight is zero after."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "weight"):
+            raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer")
+        if tuple(module.weight.shape) != tuple(mask.shape):
+            raise ArtifactMismatchError(
+                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}"
+            )
+        module.weight.data.masked_fill_(mask.to(module.weight.device), 0)
+        if verify and module.weight.data[mask.to(module.weight.device)].any():
+            raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
+
+
+def layer_sparsity(mask: torch.Tensor) -> float:
+    return float(mask.sum()) / mask.numel()
+
+
+def sparsity_report(masks: dict[str, torch.Tensor]) -> dict:
+    """Per-layer and overall fraction of pruned weights among the masked layers."""
+    layers = {name: {"pruned": int(mask.sum()), "total": mask.numel(), "sparsity": round(layer_sparsity(mask), 6)}
+              for name, mask in masks.items()}
+    pruned = sum(v["pruned"] for v in layers.values())
+    total = sum(v["total"] for v in layers.values())
+    return {"overall": round(pruned / total, 6) if total else 0.0, "pruned": pruned, "total": total, "layers": layers}
+
+
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """One bit per weight: np.packbits of the flattened mask, shapes in the metadata."""
+    tensors = {}
+    shapes = {}
+    for name, mask in masks.items():
+        bits = np.packbits(mask.detach().cpu().numpy().astype(bool).reshape(-1))
+        tensors[name] = torch.from_numpy(bits)
+        shapes[name] = list(mask.shape)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta["shapes"] = json.dumps(shapes, sort_keys=True)
+    meta["format"] = "packbits-v1"
+    with atomic_temp_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    masks = {}
+    with safe_open(str(path), "pt") as handle:
+        meta = dict(handle.metadata() or {})
+        shapes = json.loads(meta.pop("shapes"))
+        for name, shape in shapes.items():
+            bits = handle.get_tensor(name).numpy()
+            count = math.prod(shape)
+            flat = np.unpackbits(bits, count=count).astype(bool)
+            masks[name] = torch.from_numpy(flat).reshape(shape)
+    return masks, meta

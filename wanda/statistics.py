@@ -1,0 +1,120 @@
+"""Per-input-channel activation statistics of linear layers.
+
+For every target linear layer we accumulate, over all calibration tokens, the sum of squares,
+the sum and the token count of each input channel. The Wanda norm, the mean and the variance
+(used by DSnoT and friends) all derive from these three. Accumulation is float64 so the order
+of batches cannot change the result beyond float32 storage precision.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_temp_path
+from .errors import ArtifactMismatchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelStats:
+    sumsq: torch.Tensor  # [in] float64 while accumulating, float32 once loaded
+    sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, channels: int) -> "ChannelStats":
+        return cls(torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        flat = inputs.detach().reshape(-1, inputs.shape[-1])
+        self.sumsq += flat.pow(2).sum(0, dtype=torch.float64).cpu()
+        self.sum += flat.sum(0, dtype=torch.float64).cpu()
+        self.count += flat.shape[0]
+
+    def mean_square(self) -> torch.Tensor:
+        """sum of squares / count: the reference's ``scaler_row`` up to a per-layer constant."""
+        return (self.sumsq / max(self.count, 1)).float()
+
+    def norm(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens."""
+        return self.sumsq.double().sqrt().float()
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum.double() / max(self.count, 1)).float()
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum.double() / max(self.count, 1)
+        return (self.sumsq.double() / max(self.count, 1) - mean.pow(2)).clamp_min(0).float()
+
+
+@dataclass
+class ActivationStatistics:
+    layers: dict[str, ChannelStats] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ChannelStats:
+        if name not in self.layers:
+            raise ArtifactMismatchError(f"statistics have no entry for layer {name!r} (were they collected with other targets?)")
+        return self.layers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        tensors = {}
+        for name, stats in self.layers.items():
+            tensors[f"{name}::sumsq"] = stats.sumsq.float().contiguous()
+            tensors[f"{name}::sum"] = stats.sum.float().contiguous()
+            tensors[f"{name}::count"] = torch.tensor([stats.count], dtype=torch.int64)
+        meta = {**self.metadata, **{k: str(v) for k, v in (metadata or {}).items()}}
+        meta["layers"] = json.dumps(sorted(self.layers))
+        with atomic_temp_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationStatistics":
+        stats = cls()
+        with safe_open(str(path), "pt") as handle:
+            stats.metadata = dict(handle.metadata() or {})
+            names = json.loads(stats.metadata.pop("layers", "[]"))
+            for name in names:
+                stats.layers[name] = ChannelStats(
+                    handle.get_tensor(f"{name}::sumsq"), handle.get_tensor(f"{name}::sum"),
+                    int(handle.get_tensor(f"{name}::count").item()),
+                )
+        return stats
+
+
+class StatisticsCollector:
+    """Forward hooks that accumulate input statistics of the given linear layers."""
+
+    def __init__(self, modules: dict[str, nn.Linear], into: ActivationStatistics):
+        self.modules = modules
+        self.into = into
+        self.handles: list = []
+
+    def __enter__(self) -> "StatisticsCollector":
+        for name, module in self.modules.items():
+            stats = self.into.layers.setdefault(name, ChannelStats.zeros(module.in_features))
+            self.handles.append(module.register_forward_hook(self._hook(stats)))
+        return self
+
+    @staticmethod
+    def _hook(stats: ChannelStats):
+        def hook(module, args, output):
+            stats.add(args[0])
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
