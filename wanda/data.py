@@ -130,10 +130,11 @@ def _read_records(path: Path, field: str) -> list[str]:
 def _pydoc_topics(part: str) -> list[str]:
     from pydoc_data.topics import topics
 
-    # Disjoint halves by topic, so calibration and evaluation never share text.
-    names = sorted(topics)
+    # Disjoint halves, so calibration and evaluation never share text. Several topic names are
+    # aliases of one text: deduplicate by content first, in a stable (name-sorted) order.
+    unique = list(dict.fromkeys(topics[name] for name in sorted(topics)))
     wanted = 0 if part == "calibration" else 1
-    return [topics[name] for index, name in enumerate(names) if index % 2 == wanted]
+    return [text for index, text in enumerate(unique) if index % 2 == wanted]
 
 
 def load_text(source: TextSource) -> LoadedText:

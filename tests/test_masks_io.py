@@ -1,0 +1,39 @@
+"""Mask storage (one bit per weight), application and reports."""
+from __future__ import annotations
+
+import torch
+
+import wanda
+from tests.tiny import tiny_model
+from wanda.masks import load_masks, nm_mask, save_masks, unstructured_row_mask
+
+
+def test_packed_round_trip_is_exact_and_small(tmp_path):
+    masks = wanda.prune_model(tiny_model(), None, wanda.PruneConfig(method="magnitude", sparsity=0.3))
+    masks["odd"] = torch.rand(7, 13) > 0.5  # size not a multiple of 8
+    save_masks(tmp_path / "masks.safetensors", masks, {"fingerprint": "f"})
+    loaded, meta = load_masks(tmp_path / "masks.safetensors")
+    assert meta["fingerprint"] == "f"
+    assert loaded.keys() == masks.keys()
+    assert all(torch.equal(loaded[n], masks[n]) for n in masks)
+    bits = sum(m.numel() for m in masks.values())
+    assert (tmp_path / "masks.safetensors").stat().st_size < bits / 8 + 8192
+
+
+def test_ties_break_by_lower_index():
+    scores = torch.ones(2, 8)
+    assert unstructured_row_mask(scores, 0.5)[0].tolist() == [True] * 4 + [False] * 4
+    assert nm_mask(scores, 2, 4)[0].tolist() == [True, True, False, False] * 2
+
+
+def test_apply_masks_zeroes_exactly_the_mask():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = wanda.prune_model(tiny_model(), None, wanda.PruneConfig(method="magnitude"))
+    wanda.apply_masks(model, masks)
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert torch.all(weight[mask] == 0)
+        assert torch.equal(weight[~mask], before[f"{name}.weight"][~mask])
+    report = wanda.sparsity_report(masks)
+    assert report["overall"] == 0.5 and len(report["layers"]) == len(masks)
