@@ -37,3 +37,30 @@ def test_apply_masks_zeroes_exactly_the_mask():
         assert torch.equal(weight[~mask], before[f"{name}.weight"][~mask])
     report = wanda.sparsity_report(masks)
     assert report["overall"] == 0.5 and len(report["layers"]) == len(masks)
+
+
+def test_selection_equals_stable_sort_with_many_ties():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (64, 96), generator=generator).float()  # heavy ties
+    for sparsity in (0.1, 0.5, 0.77):
+        k = int(96 * sparsity)
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(unstructured_row_mask(scores, sparsity), expected)
+
+
+def test_non_finite_scores_are_refused():
+    import pytest
+
+    from wanda.masks import mask_from_scores
+
+    with pytest.raises(ValueError, match="NaN"):
+        mask_from_scores(torch.tensor([[1.0, float("nan")]]), 0.5, None)
+
+
+def test_pruned_weights_are_positive_zero_bitwise():
+    model = tiny_model()
+    masks = wanda.prune_model(model, None, wanda.PruneConfig(method="magnitude"))
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert not torch.signbit(weight[mask]).any()

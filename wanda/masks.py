@@ -19,14 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """In every output row, prune the ``int(in * sparsity)`` lowest scores (ties: lower index first)."""
+    """In every output row, prune the ``int(in * sparsity)`` lowest scores (ties: lower index first).
+
+    Same result as taking the first k of a stable sort, but by selection (k-th value) rather than
+    a full sort, which is about 3x cheaper on CPU.
+    """
     out_features, in_features = scores.shape
     k = int(in_features * sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if k == 0:
-        return mask
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return mask.scatter_(1, order, True)
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < kth
+    at = scores == kth
+    # Among entries equal to the k-th value, prune the lowest indices until k are pruned.
+    needed = k - below.sum(1, keepdim=True)
+    return below | (at & (at.cumsum(1) <= needed))
 
 
 def unstructured_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -50,6 +57,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "row") -> torch.Tensor:
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity (non-finite weights or activation statistics)")
     if nm is not None:
         return nm_mask(scores, *nm)
     if scope == "layer":
@@ -78,8 +87,12 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], verify: bool =
             raise ArtifactMismatchError(
                 f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}"
             )
-        module.weight.data.masked_fill_(mask.to(module.weight.device), 0)
-        if verify and module.weight.data[mask.to(module.weight.device)].any():
+        mask = mask.to(module.weight.device)
+        # Multiplying by the keep-mask is several times faster than masked_fill_ on CPU. It leaves
+        # -0.0 for negative weights; adding +0.0 turns those into +0.0 (IEEE round-to-nearest) and
+        # changes nothing else, so pruned weights are bitwise +0.0 as with masked_fill_.
+        module.weight.data.mul_(~mask).add_(0.0)
+        if verify and module.weight.data.ne(0).logical_and_(mask).any():
             raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
 
 

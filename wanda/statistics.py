@@ -23,6 +23,16 @@ from .errors import ArtifactMismatchError
 log = logging.getLogger(__name__)
 
 
+def batch_partials(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sum of squares and sum of one batch.
+
+    Within a batch the reduction runs in float32 (a float64 reduction costs about as much as the
+    layer's matmul on CPU); batches are then accumulated in float64.
+    """
+    flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    return flat.pow(2).sum(0).double().cpu(), flat.sum(0).double().cpu(), flat.shape[0]
+
+
 @dataclass
 class ChannelStats:
     sumsq: torch.Tensor  # [in] float64 while accumulating, float32 once loaded
@@ -34,10 +44,12 @@ class ChannelStats:
         return cls(torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0)
 
     def add(self, inputs: torch.Tensor) -> None:
-        flat = inputs.detach().reshape(-1, inputs.shape[-1])
-        self.sumsq += flat.pow(2).sum(0, dtype=torch.float64).cpu()
-        self.sum += flat.sum(0, dtype=torch.float64).cpu()
-        self.count += flat.shape[0]
+        self.add_partial(*batch_partials(inputs))
+
+    def add_partial(self, sumsq: torch.Tensor, total: torch.Tensor, count: int) -> None:
+        self.sumsq += sumsq
+        self.sum += total
+        self.count += count
 
     def mean_square(self) -> torch.Tensor:
         """sum of squares / count: the reference's ``scaler_row`` up to a per-layer constant."""
@@ -94,12 +106,17 @@ class ActivationStatistics:
 
 
 class StatisticsCollector:
-    """Forward hooks that accumulate input statistics of the given linear layers."""
+    """Forward hooks that accumulate input statistics of the given linear layers.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one reduction per batch.
+    """
 
     def __init__(self, modules: dict[str, nn.Linear], into: ActivationStatistics):
         self.modules = modules
         self.into = into
         self.handles: list = []
+        # The last input seen and its partial sums; holding the tensor keeps its identity unique.
+        self._last: tuple[torch.Tensor, tuple] | None = None
 
     def __enter__(self) -> "StatisticsCollector":
         for name, module in self.modules.items():
@@ -107,10 +124,12 @@ class StatisticsCollector:
             self.handles.append(module.register_forward_hook(self._hook(stats)))
         return self
 
-    @staticmethod
-    def _hook(stats: ChannelStats):
+    def _hook(self, stats: ChannelStats):
         def hook(module, args, output):
-            stats.add(args[0])
+            inputs = args[0]
+            if self._last is None or self._last[0] is not inputs:
+                self._last = (inputs, batch_partials(inputs))
+            stats.add_partial(*self._last[1])
 
         return hook
 
@@ -118,3 +137,4 @@ class StatisticsCollector:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self._last = None
