@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# mkstemp creates 0600 files; artifacts are read by other users and containers, so they get the
+# permissions an ordinary open() would give.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
@@ -38,6 +49,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb") -> Iterator:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.chmod(tmp, _FILE_MODE)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -59,6 +71,7 @@ def _atomic_path(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent, suffix=target.suffix)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)
     try:
         yield Path(tmp)
         os.replace(tmp, target)
