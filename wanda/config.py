@@ -1,4 +1,16 @@
-"""Typed pruning configuration, validated at the edge before any forward pass."""
+"""Typed pruning configuration, validated at the edge before any forward pass.
+
+One ``PruneConfig`` selects a whole pruning recipe. ``method`` picks the score (and, for
+SparseGPT, the weight reconstruction); the other choices are orthogonal and default to off, so a
+config written before they existed prunes exactly as it did:
+
+- ``allocation``: ``uniform`` (every layer at ``sparsity``) or ``owl`` (per-block sparsity from
+  each block's outlier ratio, Yin et al. 2023; averages to ``sparsity``);
+- ``variant``: Wanda's per-row adaptive sparsity found by bisection on the cumulative score share;
+- ``refine``: ``dsnot`` refines any initial mask (Zhang et al. 2024) by swapping pruned and kept
+  weights of a row to shrink the expected output error;
+- ``ria_permute``: input-channel permutation for N:M masks (RIA's channel reallocation).
+"""
 from __future__ import annotations
 
 import re
@@ -6,7 +18,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-METHODS = ("wanda", "magnitude")
+METHODS = ("wanda", "magnitude", "sparsegpt", "ria")
+# Methods whose masks come from per-channel statistics (or none) of the layer inputs, so one
+# one-pass statistics artifact serves any number of mask configurations (``collect_statistics`` +
+# ``compute_masks``). SparseGPT needs a Hessian per layer input and updates the remaining weights,
+# so it runs only in sequential mode through ``prune_model``.
+ONE_PASS_METHODS = ("wanda", "magnitude", "ria")
+SEQUENTIAL_ONLY_METHODS = ("sparsegpt",)
+# Methods that change the weights they keep (their result is the pruned weights, not base + mask).
+WEIGHT_UPDATING_METHODS = ("sparsegpt",)
+
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -27,13 +48,15 @@ class PruneConfig(BaseModel):
     """What to prune and how.
 
     ``sparsity`` is the fraction of weights zeroed in each output row (unstructured), or in the
-    whole layer with ``scope="layer"`` (the paper's magnitude baseline). For an N:M pattern the
-    sparsity is N/M by construction and ``sparsity`` must equal it.
+    whole layer with ``scope="layer"`` (the paper's magnitude baseline, and RIA's reference
+    comparison group). For an N:M pattern the sparsity is N/M by construction and ``sparsity``
+    must equal it. With ``allocation="owl"`` ``sparsity`` is the average over blocks; with
+    ``variant`` it is each layer's target, reached within ``variant_tolerance``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["wanda", "magnitude"] = "wanda"
+    method: Literal["wanda", "magnitude", "sparsegpt", "ria"] = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str = "unstructured"
     scope: Literal["row", "layer"] = "row"
@@ -41,6 +64,33 @@ class PruneConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     targets: list[str] = Field(default_factory=lambda: ["*"])
     ignore: list[str] = Field(default_factory=list)
+
+    # --- layer-wise sparsity allocation (OWL) ---
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_m: float = Field(5.0, gt=0.0)  # outlier: score > owl_m * mean score of the block
+    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5)  # block sparsities span exactly 2 * lambda
+
+    # --- the Wanda variant (per-row adaptive sparsity) ---
+    variant: bool = False
+    variant_tolerance: float = Field(0.001, gt=0.0, lt=1.0)
+
+    # --- mask refinement (DSnoT) ---
+    refine: Literal["none", "dsnot"] = "none"
+    dsnot_cycles: int = Field(50, ge=0)
+    # Stop refining a row once |expected output error| falls to this. The reference's 0.1 is on
+    # a sum over 2048-token samples; ours is per token: 0.1 / 2048.
+    dsnot_threshold: float = Field(0.1 / 2048, ge=0.0)
+    dsnot_var_power: float = Field(1.0, ge=0.0)  # regrowth ranks W_ij E[X_j] / Var(X_j)^power
+
+    # --- RIA ---
+    ria_alpha: float = Field(0.5, ge=0.0)  # exponent of ||X_j|| in the RIA score
+    ria_permute: bool = False  # N:M only: input-channel permutation (heuristic reallocation)
+    ria_lsa: bool = False  # refine the permutation by linear sum assignment (needs scipy)
+
+    # --- SparseGPT ---
+    sparsegpt_blocksize: int = Field(128, ge=1)
+    sparsegpt_damp: float = Field(0.01, gt=0.0)  # times the mean Hessian diagonal
+    sparsegpt_offload: bool = False  # keep Hessians in CPU memory (accumulated per batch)
 
     @field_validator("pattern")
     @classmethod
@@ -60,8 +110,59 @@ class PruneConfig(BaseModel):
                 )
             if self.scope != "row":
                 raise ValueError("scope 'layer' applies to unstructured masks only (allowed with N:M: 'row')")
-        if self.scope == "layer" and self.method != "magnitude":
-            raise ValueError("scope 'layer' is the magnitude baseline's comparison group (allowed: method 'magnitude')")
+        if self.scope == "layer" and self.method not in ("magnitude", "ria"):
+            raise ValueError(
+                "scope 'layer' is the magnitude baseline's comparison group (allowed: method 'magnitude', or 'ria' "
+                "whose reference compares per layer)"
+            )
+        if self.method in SEQUENTIAL_ONLY_METHODS and self.mode != "sequential":
+            raise ValueError(
+                f"mode {self.mode!r}: method {self.method!r} updates weights from per-layer Hessians and runs only in "
+                f"mode 'sequential' (one-pass statistics serve: {', '.join(ONE_PASS_METHODS)})"
+            )
+        if self.allocation == "owl":
+            if nm is not None:
+                raise ValueError(
+                    "allocation 'owl' gives blocks different sparsities, which a fixed N:M pattern cannot express "
+                    "(allowed with N:M: allocation 'uniform')"
+                )
+            low, high = self.sparsity - 2 * self.owl_lambda, self.sparsity + 2 * self.owl_lambda
+            if low < 0.0 or high >= 1.0:
+                raise ValueError(
+                    f"owl_lambda {self.owl_lambda}: block sparsities may range over sparsity +/- 2*lambda = "
+                    f"[{low:g}, {high:g}], outside [0, 1); with sparsity {self.sparsity:g} owl_lambda must be "
+                    f"<= {self.sparsity / 2:g} and < {(1.0 - self.sparsity) / 2:g}"
+                )
+        if self.variant:
+            if nm is not None:
+                raise ValueError("variant: the Wanda variant adapts each row's sparsity, which N:M fixes "
+                                 "(allowed with N:M: variant false)")
+            if self.scope != "row":
+                raise ValueError("variant: the Wanda variant works per output row (allowed: scope 'row')")
+            if self.method in WEIGHT_UPDATING_METHODS:
+                raise ValueError(f"variant: not defined for method {self.method!r} (allowed: wanda, ria, magnitude)")
+        if self.refine == "dsnot" and self.method in WEIGHT_UPDATING_METHODS:
+            raise ValueError(
+                f"refine 'dsnot' swaps weights of an unchanged dense row; method {self.method!r} updates the kept "
+                "weights (allowed with dsnot: wanda, ria, magnitude)"
+            )
+        if self.ria_permute:
+            if nm is None:
+                raise ValueError("ria_permute: the channel permutation serves N:M patterns only (set a pattern 'N:M')")
+            if self.method in WEIGHT_UPDATING_METHODS:
+                raise ValueError(f"ria_permute: not available with method {self.method!r} (allowed: ria, wanda, magnitude)")
+        if self.ria_lsa:
+            if not self.ria_permute:
+                raise ValueError("ria_lsa: refines the channel permutation, so it needs ria_permute true")
+            try:
+                import scipy.optimize  # noqa: F401
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise ValueError(f"ria_lsa: needs scipy (pip install scipy): {exc}") from exc
+        if nm is not None and self.method == "sparsegpt" and self.sparsegpt_blocksize % nm[1]:
+            raise ValueError(
+                f"sparsegpt_blocksize {self.sparsegpt_blocksize} must be a multiple of M={nm[1]} of pattern "
+                f"{self.pattern} (N:M groups may not straddle column blocks)"
+            )
         return self
 
     @property
@@ -70,4 +171,32 @@ class PruneConfig(BaseModel):
 
     @property
     def needs_statistics(self) -> bool:
-        return self.method != "magnitude"
+        """True when calibration data is needed (everything but plain magnitude pruning)."""
+        return self.method != "magnitude" or self.refine != "none"
+
+    @property
+    def statistics_kind(self) -> Literal["none", "channel", "hessian"]:
+        """What the masks are computed from: nothing, per-channel sums (norm, mean, variance), or Hessians."""
+        if self.method == "sparsegpt":
+            return "hessian"
+        return "channel" if self.needs_statistics else "none"
+
+    @property
+    def supports_one_pass(self) -> bool:
+        """Whether one-pass statistics (``collect_statistics``) can serve this config via ``compute_masks``."""
+        return self.method in ONE_PASS_METHODS
+
+    @property
+    def updates_weights(self) -> bool:
+        """True when pruning changes kept weights: the result is the pruned model, not base weights + mask."""
+        return self.method in WEIGHT_UPDATING_METHODS
+
+    @property
+    def owl_prepass(self) -> bool:
+        """Sequential OWL first takes outlier ratios from a dense one-pass walk (as the OWL reference)."""
+        return self.allocation == "owl" and self.mode == "sequential" and self.needs_outlier_statistics
+
+    @property
+    def needs_outlier_statistics(self) -> bool:
+        """OWL outlier ratios come from scores that need activation statistics (all but magnitude)."""
+        return self.allocation == "owl" and self.method != "magnitude"

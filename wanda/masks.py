@@ -17,6 +17,31 @@ from .errors import ArtifactMismatchError, ConfigError
 
 log = logging.getLogger(__name__)
 
+PERMUTATION_PREFIX = "perm::"
+
+
+class MaskDict(dict):
+    """Masks keyed by module name (True = pruned), plus what a mask alone cannot say.
+
+    A plain ``dict`` to every caller; two optional attributes ride along:
+
+    - ``permutations``: per layer, the input-channel permutation ``perm`` (int64, [in]) of an N:M
+      mask computed in permuted order (``ria_permute``). The mask is stored in the layer's own
+      column order, so ``apply_masks`` on the unpermuted model gives exactly the pruned function;
+      ``mask[:, perm]`` is the N:M-valid mask of ``weight[:, perm]``, and a 2:4 kernel needs
+      the permuted weight and the input permuted the same way (``x[..., perm]``).
+    - ``metadata``: string-valued facts about how the masks were made (OWL block sparsities,
+      SparseGPT fallbacks); ``save_masks`` writes them into the artifact.
+
+    Plain-dict operations (``{**masks}``, ``dict(masks)``) drop both attributes.
+    """
+
+    def __init__(self, *args, permutations: dict[str, torch.Tensor] | None = None,
+                 metadata: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.permutations: dict[str, torch.Tensor] = dict(permutations or {})
+        self.metadata: dict[str, str] = dict(metadata or {})
+
 
 def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """In every output row, prune the ``int(in * sparsity)`` lowest scores (ties: lower index first).
@@ -109,23 +134,42 @@ def sparsity_report(masks: dict[str, torch.Tensor]) -> dict:
     return {"overall": round(pruned / total, 6) if total else 0.0, "pruned": pruned, "total": total, "layers": layers}
 
 
-def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """One bit per weight: np.packbits of the flattened mask, shapes in the metadata."""
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict | None = None,
+               permutations: dict[str, torch.Tensor] | None = None) -> None:
+    """One bit per weight: np.packbits of the flattened mask, shapes in the metadata.
+
+    Input-channel permutations (``permutations``, else ``masks.permutations`` of a ``MaskDict``)
+    are stored as extra int32 tensors ``perm::<layer>`` listed in the metadata key
+    ``permutations``; readers that predate them ignore them.
+    """
     tensors = {}
     shapes = {}
     for name, mask in masks.items():
         bits = np.packbits(mask.detach().cpu().numpy().astype(bool).reshape(-1))
         tensors[name] = torch.from_numpy(bits)
         shapes[name] = list(mask.shape)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if permutations is None:
+        permutations = getattr(masks, "permutations", None) or {}
+    for name, perm in permutations.items():
+        if name not in masks:
+            raise ArtifactMismatchError(f"permutation for {name!r} has no mask")
+        if perm.numel() != masks[name].shape[1]:
+            raise ArtifactMismatchError(f"permutation for {name!r} has {perm.numel()} entries, mask has "
+                                        f"{masks[name].shape[1]} input channels")
+        tensors[PERMUTATION_PREFIX + name] = perm.detach().cpu().to(torch.int32).contiguous()
+    meta = {k: str(v) for k, v in getattr(masks, "metadata", {}).items()}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    if permutations:
+        meta["permutations"] = json.dumps(sorted(permutations))
     meta["shapes"] = json.dumps(shapes, sort_keys=True)
     meta["format"] = "packbits-v1"
     with atomic_temp_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    masks = {}
+def load_masks(path: str | Path) -> tuple[MaskDict, dict[str, str]]:
+    """Masks (a ``MaskDict``, with ``permutations`` when the artifact has any) and the metadata."""
+    masks = MaskDict()
     with safe_open(str(path), "pt") as handle:
         meta = dict(handle.metadata() or {})
         shapes = json.loads(meta.pop("shapes"))
@@ -134,4 +178,7 @@ def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             count = math.prod(shape)
             flat = np.unpackbits(bits, count=count).astype(bool)
             masks[name] = torch.from_numpy(flat).reshape(shape)
+        for name in json.loads(meta.pop("permutations", "[]")):
+            masks.permutations[name] = handle.get_tensor(PERMUTATION_PREFIX + name).to(torch.int64)
+    masks.metadata = {k: v for k, v in meta.items() if k != "format"}
     return masks, meta

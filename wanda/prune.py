@@ -1,7 +1,21 @@
-"""The pruning driver: statistics (one-pass or sequential), masks and their application."""
+"""The pruning driver: statistics (one-pass or sequential), masks and their application.
+
+Every method of ``PruneConfig`` runs through the same block walk:
+
+- score methods (wanda, magnitude, ria), with the Wanda variant, RIA's channel permutation and
+  DSnoT refinement, compute each layer's mask from its weights and per-channel statistics;
+- SparseGPT collects a Hessian per distinct layer input in the same walk (sequential only) and
+  prunes with weight updates;
+- OWL allocation replaces the uniform sparsity by per-block sparsities from outlier ratios. In
+  one-pass mode the ratios come from the one-pass statistics; in sequential mode (as in the OWL
+  reference) from a dense one-pass walk first, which costs one extra forward of the blocks over
+  the calibration set. Magnitude scores need no walk at all.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from typing import Callable
 
@@ -12,9 +26,14 @@ from .architecture import BlockLayout, discover, find_blocks, model_type
 from .blocks import capture_block_calls, capture_block_inputs, run_block_over
 from .config import PruneConfig
 from .errors import ArtifactMismatchError, ConfigError
-from .masks import apply_masks, mask_from_scores
+from .masks import MaskDict, apply_masks, mask_from_scores
+from .methods.dsnot import dsnot_refine
+from .methods.owl import allocate_owl, outlier_ratio
+from .methods.ria import channel_permutation
+from .methods.sparsegpt import HessianCollector, sparsegpt_prune
+from .methods.variant import variant_row_mask
 from .scores import score
-from .statistics import ActivationStatistics, StatisticsCollector
+from .statistics import ActivationStatistics, ChannelStats, StatisticsCollector
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +84,119 @@ def _targets(model: nn.Module, layout: BlockLayout, index: int) -> dict[str, nn.
     return {layout.full_name(index, rel): block.get_submodule(rel) for rel in layout.targets[index]}
 
 
+def _check_finite(scores: torch.Tensor) -> None:
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity (non-finite weights or activation statistics)")
+
+
 @torch.no_grad()
-def _layer_masks(modules: dict[str, nn.Linear], stats: ActivationStatistics | None, config: PruneConfig) -> dict[str, torch.Tensor]:
-    masks = {}
+def _mask_layer(name: str, weight: torch.Tensor, stats: ChannelStats | None, config: PruneConfig,
+                sparsity: float, out: MaskDict) -> torch.Tensor:
+    """One layer's mask for the score methods; records a permutation in ``out`` when one is used."""
+    scores = score(config.method, weight, stats, config.ria_alpha)
+    nm = config.nm
+    if config.variant:
+        _check_finite(scores)
+        mask, alpha, achieved = variant_row_mask(scores, sparsity, config.variant_tolerance)
+        log.debug("%s: variant alpha %.6f sparsity %.6f", name, alpha, achieved)
+    elif nm is not None and config.ria_permute:
+        _check_finite(scores)
+        perm, report = channel_permutation(scores, *nm, lsa=config.ria_lsa)
+        log.debug("%s: channel permutation %s", name, report)
+        if perm is not None:
+            perm = perm.to(scores.device)
+            permuted_mask = mask_from_scores(scores[:, perm], sparsity, nm)
+            if config.refine == "dsnot":
+                permuted_mask = _dsnot(name, weight[:, perm], permuted_mask, _permuted_stats(stats, perm),
+                                       scores[:, perm], config)
+            mask = torch.empty_like(permuted_mask)
+            mask[:, perm] = permuted_mask
+            out.permutations[name] = perm.cpu()
+            return mask.cpu()
+        mask = mask_from_scores(scores, sparsity, nm)
+    else:
+        mask = mask_from_scores(scores, sparsity, nm, config.scope)
+    if config.refine == "dsnot":
+        mask = _dsnot(name, weight, mask, stats, scores, config)
+    return mask.cpu()
+
+
+class _Moments:
+    def __init__(self, mean: torch.Tensor, variance: torch.Tensor):
+        self._mean, self._variance = mean, variance
+
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    def variance(self) -> torch.Tensor:
+        return self._variance
+
+
+def _permuted_stats(stats: ChannelStats | None, perm: torch.Tensor):
+    if stats is None:
+        return None
+    return _Moments(stats.mean()[perm.cpu()], stats.variance()[perm.cpu()])
+
+
+def _dsnot(name, weight, mask, stats, scores, config: PruneConfig) -> torch.Tensor:
+    if stats is None:
+        raise ConfigError("statistics", "refine 'dsnot' needs activation statistics (mean and variance)")
+    refined, report = dsnot_refine(
+        weight, mask, stats.mean(), stats.variance(), scores, config.nm,
+        cycles=config.dsnot_cycles, threshold=config.dsnot_threshold, var_power=config.dsnot_var_power,
+    )
+    log.debug("%s: dsnot %s", name, report)
+    return refined
+
+
+@torch.no_grad()
+def _layer_masks(modules: dict[str, nn.Linear], stats: ActivationStatistics | None, config: PruneConfig,
+                 sparsities: dict[str, float] | None = None) -> MaskDict:
+    masks = MaskDict()
     for name, module in modules.items():
         layer_stats = stats[name] if (stats is not None and config.needs_statistics) else None
-        scores = score(config.method, module.weight, layer_stats)
-        masks[name] = mask_from_scores(scores, config.sparsity, config.nm, config.scope).cpu()
+        sparsity = config.sparsity if sparsities is None else sparsities[name]
+        masks[name] = _mask_layer(name, module.weight, layer_stats, config, sparsity, masks)
     return masks
+
+
+_BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _block_groups(names: list[str], layout: BlockLayout | None) -> list[list[str]]:
+    """Target layer names grouped by decoder block (from the layout, else by the first ``.<index>.``)."""
+    if layout is not None:
+        wanted = set(names)
+        groups = [[layout.full_name(i, rel) for rel in rels] for i, rels in enumerate(layout.targets)]
+        return [[n for n in group if n in wanted] for group in groups if any(n in wanted for n in group)]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK_KEY.match(name)
+        groups.setdefault(match.group(1) if match else name, []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def owl_sparsities(modules: dict, stats: ActivationStatistics | None, config: PruneConfig,
+                   layout: BlockLayout | None = None) -> tuple[dict[str, float], dict]:
+    """Per-layer sparsity from OWL block allocation, and a record (block ratios and sparsities).
+
+    Scores are the method's own (Wanda's for SparseGPT), from the current (dense) weights.
+    """
+    method = "wanda" if config.method == "sparsegpt" else config.method
+    groups = _block_groups(list(modules), layout)
+    ratios = []
+    for group in groups:
+        scores = [score(method, modules[n].weight, stats[n] if method != "magnitude" else None, config.ria_alpha)
+                  for n in group]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+    allocation = allocate_owl(ratios, config.sparsity, config.owl_lambda)
+    sparsities = {n: s for group, s in zip(groups, allocation) for n in group}
+    record = {"ratios": [round(r, 6) for r in ratios], "sparsities": list(allocation),
+              "blocks": [_BLOCK_KEY.match(g[0]).group(1) if _BLOCK_KEY.match(g[0]) else g[0] for g in groups]}
+    log.info("OWL allocation (M=%g, lambda=%g): block sparsities %s", config.owl_m, config.owl_lambda,
+             ", ".join(f"{s:.3f}" for s in allocation))
+    return sparsities, record
 
 
 @torch.no_grad()
@@ -87,7 +211,8 @@ def collect_statistics(
     """One-pass statistics: every target layer's input statistics from the dense model, block by block.
 
     Costs one forward of the blocks over the calibration set (no ``lm_head``); memory holds one
-    block's activations for the calibration set.
+    block's activations for the calibration set. Serves every method in
+    ``config.ONE_PASS_METHODS`` with any allocation, variant, permutation and refinement.
     """
     layout = discover(model, targets, ignore)
     validate_calibration_tokens(model, calib_ids)
@@ -100,8 +225,18 @@ def compute_masks(
     model_or_weights: nn.Module | dict[str, torch.Tensor],
     statistics: ActivationStatistics | None,
     config: PruneConfig,
-) -> dict[str, torch.Tensor]:
-    """Masks for every target layer from weights and (for Wanda) statistics; the model is not changed."""
+) -> MaskDict:
+    """Masks for every target layer from weights and (when needed) statistics; the model is not changed.
+
+    Returns a ``MaskDict`` (a dict; ``.permutations`` holds RIA channel permutations, ``.metadata``
+    the OWL allocation). SparseGPT cannot be computed this way (it needs Hessians and updates
+    weights): use ``prune_model``.
+    """
+    config = PruneConfig.model_validate(config)
+    if not config.supports_one_pass:
+        raise ConfigError("method", f"{config.method!r} needs per-layer Hessians and updates weights; run it with "
+                                    "prune_model in mode 'sequential'", ", ".join(("wanda", "magnitude", "ria")))
+    layout = None
     if isinstance(model_or_weights, nn.Module):
         layout = discover(model_or_weights, config.targets, config.ignore)
         validate_layout(model_or_weights, layout, config)
@@ -115,7 +250,20 @@ def compute_masks(
         missing = [name for name in modules if name not in statistics]
         if missing:
             raise ArtifactMismatchError(f"statistics lack {len(missing)} target layers, first: {missing[0]!r}")
-    return _layer_masks(modules, statistics, config)
+    sparsities, record = None, None
+    if config.allocation == "owl":
+        sparsities, record = owl_sparsities(modules, statistics, config, layout)
+    masks = _layer_masks(modules, statistics, config, sparsities)
+    _describe(masks, record)
+    return masks
+
+
+def _describe(masks: MaskDict, owl_record: dict | None, extra: dict | None = None) -> None:
+    """Facts the recipe alone does not give (nothing for a plain uniform recipe, so its artifact is unchanged)."""
+    if owl_record is not None:
+        masks.metadata["owl"] = json.dumps(owl_record)
+    for key, value in (extra or {}).items():
+        masks.metadata[key] = value if isinstance(value, str) else json.dumps(value)
 
 
 class _WeightOnly:
@@ -129,13 +277,14 @@ def prune_model(
     config: PruneConfig,
     statistics_out: ActivationStatistics | None = None,
     progress: Progress | None = None,
-) -> dict[str, torch.Tensor]:
+) -> MaskDict:
     """Prune ``model`` in place and return the masks keyed by module name (True = pruned).
 
     ``sequential`` follows the reference: block by block, statistics of block k come from the
     outputs of the already-pruned blocks before it, and each block runs twice (statistics, then
     the pruned block's outputs for the next). ``one_pass`` takes all statistics from the dense
-    model and prunes afterwards. Pass ``statistics_out`` to keep the statistics.
+    model and prunes afterwards. Pass ``statistics_out`` to keep the (channel) statistics.
+    SparseGPT also updates the kept weights, so its result is the model, not base weights + masks.
     """
     config = PruneConfig.model_validate(config)
     layout = discover(model, config.targets, config.ignore)
@@ -154,33 +303,98 @@ def prune_model(
         masks = compute_masks(model, stats, config)
         apply_masks(model, masks)
     else:
-        masks = {}
-        _walk_blocks(model, layout, calib_ids, config.batch_size, stats, prune=(config, masks), progress=progress)
+        sparsities, record = None, None
+        if config.allocation == "owl":
+            dense = None
+            if config.owl_prepass:
+                log.info("OWL: dense one-pass walk for the outlier ratios")
+                dense = ActivationStatistics()
+                _walk_blocks(model, layout, calib_ids, config.batch_size, dense, prune=None, progress=None)
+            named = dict(model.named_modules())
+            sparsities, record = owl_sparsities({n: named[n] for n in layout.all_targets()}, dense, config, layout)
+            stats.metadata["owl"] = json.dumps(record)
+        masks = MaskDict()
+        pruner = _SequentialPruner(model, config, masks, sparsities)
+        _walk_blocks(model, layout, calib_ids, config.batch_size, stats, prune=pruner, progress=progress,
+                     hessians=config.method == "sparsegpt", offload=config.sparsegpt_offload)
+        _describe(masks, record, pruner.extra())
     log.info("%s %s pruning (%s, %s) of %d layers in %.1fs", config.method, config.mode, config.pattern,
              config.sparsity, len(masks), time.perf_counter() - started)
     return masks
 
 
-def _walk_blocks(model, layout, calib_ids, batch_size, stats, prune, progress) -> None:
+class _SequentialPruner:
+    """Prunes one block right after its statistics are taken (sequential mode)."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, masks: MaskDict,
+                 sparsities: dict[str, float] | None = None):
+        self.model = model
+        self.config = config
+        self.masks = masks
+        self.sparsities = sparsities
+        self.fallbacks: dict[str, str] = {}
+        self.dead_channels: dict[str, int] = {}
+
+    def __call__(self, index: int, modules: dict[str, nn.Linear], stats: ActivationStatistics,
+                 hessians: HessianCollector | None) -> None:
+        config = self.config
+        if config.method == "sparsegpt":
+            block_masks = MaskDict()
+            for name, module in modules.items():
+                sparsity = config.sparsity if self.sparsities is None else self.sparsities[name]
+                weight, mask, report = sparsegpt_prune(
+                    module.weight, hessians.hessian(name), sparsity, config.nm,
+                    config.sparsegpt_blocksize, config.sparsegpt_damp, name,
+                )
+                hessians.release(name)
+                module.weight.data.copy_(weight)
+                block_masks[name] = mask.cpu()
+                if report["fallback"]:
+                    self.fallbacks[name] = report["fallback"]
+                if report["dead_channels"]:
+                    self.dead_channels[name] = report["dead_channels"]
+        else:
+            block_masks = _layer_masks(modules, stats, config, self.sparsities)
+        apply_masks(self.model, block_masks)
+        self.masks.update(block_masks)
+        self.masks.permutations.update(block_masks.permutations)
+
+    def extra(self) -> dict:
+        extra = {}
+        if self.fallbacks:
+            extra["sparsegpt_fallbacks"] = self.fallbacks
+        if self.dead_channels:
+            extra["sparsegpt_dead_channels"] = self.dead_channels
+        return extra
+
+
+def _walk_blocks(model, layout, calib_ids, batch_size, stats, prune=None, progress=None, hessians=False,
+                 offload=False) -> None:
     """Run the calibration set through the blocks one at a time, collecting statistics.
 
-    With ``prune=(config, masks)`` each block is pruned right after its statistics are taken
-    and re-run so the next block sees the pruned outputs (sequential mode).
+    With ``prune`` (a callable ``(index, modules, stats, hessians)`` that prunes the block in place)
+    each block is pruned right after its statistics
+    are taken and re-run so the next block sees the pruned outputs (sequential mode). With
+    ``hessians`` a ``HessianCollector`` runs beside the channel statistics.
     """
     _, blocks = find_blocks(model)
     calls = capture_block_calls(model, blocks, calib_ids[:1])
     hidden = capture_block_inputs(model, blocks, calib_ids, batch_size)
     for index, block in enumerate(blocks):
         modules = _targets(model, layout, index)
+        collector = HessianCollector(modules, offload=offload) if hessians else None
         with StatisticsCollector(modules, stats):
-            outputs = run_block_over(block, hidden, calls[index])
+            if collector is not None:
+                with collector:
+                    outputs = run_block_over(block, hidden, calls[index])
+            else:
+                outputs = run_block_over(block, hidden, calls[index])
         if prune is not None:
-            config, masks = prune
-            block_masks = _layer_masks(modules, stats, config)
-            apply_masks(model, block_masks)
-            masks.update(block_masks)
+            prune(index, modules, stats, collector)
             outputs = run_block_over(block, hidden, calls[index])
+        del collector
         hidden = outputs
         log.info("block %d/%d done (%d layers)", index + 1, len(blocks), len(modules))
         if progress is not None:
             progress(index + 1, len(blocks))
+

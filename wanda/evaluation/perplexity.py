@@ -1,0 +1,179 @@
+"""Perplexity on a text, the way the Wanda paper measures it.
+
+Protocol (kept identical to the reference ``eval_ppl``): concatenate the evaluation text,
+tokenize it once, cut consecutive non-overlapping windows of ``seqlen`` tokens (a shorter tail
+is dropped), and report exp(mean next-token NLL over every predicted token). Each window is
+scored on its own: its first token has no context and is never predicted.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data import TextSource, load_text, tokenize
+from ..errors import ConfigError, EvaluationError
+from ..hashing import sha256_tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = TextSource(path="shared:wikitext-2-raw/wiki.test.raw")
+# Config attributes under which decoder-only models state their context length.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+class PerplexityConfig(BaseModel):
+    """What to evaluate on. ``max_windows=None`` uses every full window (release numbers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: TextSource = DEFAULT_SOURCE
+    seqlen: int = Field(2048, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+    # Windows per forward. Batching pays on accelerators; on a 2-core CPU it measured no faster
+    # and costs one window of logits per extra row (docs/benchmarks-eval.md), hence 1.
+    batch_size: int = Field(1, ge=1)
+
+
+class PerplexityResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    perplexity: float
+    nll: float  # mean NLL per predicted token, in nats
+    seqlen: int
+    windows: int  # windows evaluated
+    windows_available: int  # full windows the text holds
+    tokens: int  # tokens fed to the model (windows * seqlen)
+    predicted_tokens: int  # tokens whose NLL is averaged (windows * (seqlen - 1))
+    text_tokens: int  # tokens in the whole text
+    tokens_digest: str  # sha256 of exactly the evaluated tokens: equal digests => comparable numbers
+    text_digest: str
+    source: str
+    batch_size: int
+    wall_s: float
+    tokens_per_s: float  # model throughput over the scored windows (excludes reading/tokenizing)
+
+
+def model_context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    """Fail before any work when windows would not fit the model's context."""
+    context = model_context_length(model)
+    if context is not None and seqlen > context:
+        raise ConfigError(
+            "evaluation.seqlen", f"{seqlen} exceeds the model's context of {context} tokens", f"2..{context}"
+        )
+
+
+def window_tokens(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
+    """``(windows x seqlen)`` tensor of the evaluated windows, and how many full windows exist."""
+    available = ids.numel() // seqlen
+    used = available if max_windows is None else min(available, max_windows)
+    return ids[: used * seqlen].reshape(used, seqlen), available
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout off while evaluating; the caller's model keeps its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _batch_nll(model, batch: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL per window of ``batch`` (float64, on CPU)."""
+    logits = model(batch, use_cache=False).logits
+    sums = torch.empty(batch.shape[0], dtype=torch.float64)
+    # Row by row: the upcast and log-softmax then cost one window of vocabulary-wide activations,
+    # not a whole batch of them, on top of the logits the forward produced. Half-precision
+    # logits go to float32 (their log-softmax loses digits); float64 stays float64.
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    for row in range(batch.shape[0]):
+        nll = F.cross_entropy(logits[row, :-1].to(wide), batch[row, 1:], reduction="sum")
+        sums[row] = nll.double().cpu()
+    del logits
+    return sums
+
+
+def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on ``config.source``; raises EvaluationError on a non-finite loss."""
+    config = config or PerplexityConfig()
+    started = time.perf_counter()
+    check_seqlen(model, config.seqlen)
+    config.source.check_exists("evaluation.source")
+
+    loaded = load_text(config.source)
+    ids = tokenize(tokenizer, loaded.text)
+    if ids.numel() < config.seqlen:
+        raise ConfigError(
+            "evaluation.source",
+            f"{loaded.source} has {ids.numel()} tokens, fewer than one window of seqlen={config.seqlen}",
+            f"a longer text, or evaluation.seqlen in 2..{ids.numel()}" if ids.numel() >= 2 else "a longer text",
+        )
+    windows, available = window_tokens(ids, config.seqlen, config.max_windows)
+    count = windows.shape[0]
+    if config.max_windows is not None and config.max_windows > available:
+        log.warning("max_windows=%d but the text holds only %d windows of %d tokens; using %d",
+                    config.max_windows, available, config.seqlen, available)
+
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64)
+    forward_s = 0.0
+    with torch.inference_mode(), eval_mode(model):
+        for start in range(0, count, config.batch_size):
+            stop = min(start + config.batch_size, count)
+            tick = time.perf_counter()
+            sums = _batch_nll(model, windows[start:stop].to(device))
+            forward_s += time.perf_counter() - tick
+            if not torch.isfinite(sums).all():
+                bad = [start + i for i in range(stop - start) if not math.isfinite(float(sums[i]))]
+                raise EvaluationError(
+                    f"non-finite loss in evaluation windows {bad} (seqlen {config.seqlen}, source {loaded.source}); "
+                    "the model produces NaN/inf logits, no perplexity is reported"
+                )
+            total += sums.sum()
+            log.info("perplexity: windows %d/%d", stop, count)
+
+    predicted = count * (config.seqlen - 1)
+    nll = float(total) / predicted
+    perplexity = math.exp(nll) if nll < 709.0 else math.inf  # exp overflows a double past ~709.78
+    if not math.isfinite(perplexity):
+        raise EvaluationError(f"perplexity overflows (mean NLL {nll:.1f} nats); no perplexity is reported")
+    return PerplexityResult(
+        perplexity=perplexity,
+        nll=nll,
+        seqlen=config.seqlen,
+        windows=count,
+        windows_available=available,
+        tokens=count * config.seqlen,
+        predicted_tokens=predicted,
+        text_tokens=int(ids.numel()),
+        tokens_digest=sha256_tensor(windows),
+        text_digest=loaded.digest,
+        source=loaded.source,
+        batch_size=config.batch_size,
+        wall_s=time.perf_counter() - started,
+        tokens_per_s=(count * config.seqlen) / forward_s if forward_s > 0 else 0.0,
+    )
+
+
+def source_digest(config: PerplexityConfig) -> str:
+    """Digest of the evaluation text, without a model: part of the dense baseline's cache key."""
+    config.source.check_exists("evaluation.source")
+    return load_text(config.source).digest
