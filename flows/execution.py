@@ -1,0 +1,195 @@
+"""Running DVC stages as Prefect tasks.
+
+Caching decision (why DVC, not Prefect's result cache): DVC already keys every stage by content
+(command, parameter values, the md5 of every input and code file) and keeps a content-addressed
+run cache of outputs, and ``dvc.lock`` is the lineage record. A second cache in Prefect would
+have to track the same bytes and could disagree with it (a deleted artifact, a ``git checkout``
+of other parameters). So each Prefect task's cache key *is* DVC's stage state: one
+``dvc status`` at the start of a flow says which stages are up to date; those finish at once in
+Prefect's ``Cached`` state without starting DVC, and every other stage runs through
+``dvc repro --single-item``, which either finds it unchanged, restores its outputs from the run
+cache, or runs it. A stage whose upstream ran in this flow is always handed to DVC (its inputs
+may have new bytes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from tasks.common import read_manifest
+
+from . import dvc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagePlan:
+    address: str  # DVC stage address: "masks", or "sweeps/NAME/dvc.yaml:POINT-masks"
+    stage: str  # stage kind (tasks/graph.py name)
+    folder: str  # artifact folder, relative to the root
+    upstream: list[str] = field(default_factory=list)  # addresses this one reads
+    command: str = ""  # the stage command as dvc.yaml declares it
+    force: bool = False  # re-run even if DVC says up to date (e.g. a GPU appeared)
+    force_reason: str | None = None
+
+
+@dataclass
+class StageOutcome:
+    address: str
+    stage: str
+    action: str  # "cached" | "unchanged" | "restored" | "ran"
+    seconds: float
+    status: str | None = None  # manifest status: "completed" | "skipped"
+    reason: str | None = None
+    wall_s: float | None = None  # the stage's own wall time, as its manifest recorded it
+    peak_memory_mb: float | None = None
+    folder: str = ""
+
+    @property
+    def did_work(self) -> bool:
+        return self.action in ("ran", "restored")
+
+
+def _outcome(plan: StagePlan, root: Path, action: str, seconds: float) -> StageOutcome:
+    manifest = read_manifest(root / plan.folder) or {}
+    return StageOutcome(plan.address, plan.stage, action, round(seconds, 3), manifest.get("status"),
+                        manifest.get("reason"), manifest.get("wall_s"), manifest.get("peak_memory_mb"), plan.folder)
+
+
+# DVC's advice to humans at a terminal; noise in a flow's log.
+_DVC_HINTS = ("Use `dvc push`", "To track the changes with git", "git add ", "To enable auto staging",
+              "dvc config core.autostage", "Data and pipelines are up to date")
+
+
+class _Sink:
+    """Forward DVC/stage output lines to the task's logger (progress: 'block k of n', windows)."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def __call__(self, line: str) -> None:
+        if not line.strip().startswith(_DVC_HINTS):
+            self.logger.info("%s", line)
+
+
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots(workers: int) -> threading.BoundedSemaphore:
+    """At most ``workers`` stage commands at once, however many tasks the runner has started."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(workers, threading.BoundedSemaphore(workers))
+
+
+@task(name="stage", task_run_name="{plan.address}", cache_policy=NO_CACHE)
+def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: bool = True,
+                   direct: bool = False, workers: int = 1):
+    """One stage: ``Cached`` when DVC said up to date, else through DVC (or directly, for
+    parallel sweep points, which the flow then records with ``dvc commit``)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    root_path = Path(root)
+    if known_clean and not plan.force:
+        outcome = _outcome(plan, root_path, "cached", time.perf_counter() - started)
+        return Completed(name="Cached", data=asdict(outcome),
+                         message="up to date in DVC: parameters, input bytes and code unchanged")
+    if plan.force_reason:
+        logger.info("%s: re-running: %s", plan.address, plan.force_reason)
+    if direct:
+        with _slots(workers):
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            _run_command(plan, root_path, _Sink(logger), threads)
+        action = "ran"
+    else:
+        action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache).action
+    outcome = _outcome(plan, root_path, action, time.perf_counter() - started)
+    if outcome.status == "skipped":
+        logger.info("%s skipped: %s", plan.address, outcome.reason)
+    return asdict(outcome)
+
+
+def _run_command(plan: StagePlan, root: Path, sink, threads: int | None) -> None:
+    env = dvc.environment()
+    if threads:
+        # Parallel stages share the cores instead of each taking all of them.
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[key] = str(threads)
+    with subprocess.Popen(plan.command, shell=True, cwd=root, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip():
+                sink(line.rstrip("\n"))
+        code = process.wait()
+    if code != 0:
+        raise dvc.DvcError(f"stage {plan.address} failed (exit {code}): {plan.command}")
+
+
+def stale_from_status(status: dict[str, list]) -> set[str]:
+    return set(status)
+
+
+def known_clean(plan: StagePlan, stale: set[str], worked: set[str], upstream_of: dict[str, list[str]]) -> bool:
+    """Up to date per the flow's initial ``dvc status`` and no ancestor did work in this run."""
+    if plan.address in stale:
+        return False
+    stack, seen = list(plan.upstream), set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in worked:
+            return False
+        stack.extend(upstream_of.get(current, []))
+    return True
+
+
+def run_sequential(plans: list[StagePlan], root: Path, run_cache: bool = True,
+                   stale: set[str] | None = None) -> list[StageOutcome]:
+    """Run stages in order (a topological order), each a Prefect task."""
+    if stale is None:
+        stale = stale_from_status(dvc.status(root))
+    upstream_of = {plan.address: plan.upstream for plan in plans}
+    worked: set[str] = set()
+    outcomes = []
+    for plan in plans:
+        clean = known_clean(plan, stale, worked, upstream_of)
+        outcome = call_stage(plan, root, clean, run_cache)
+        if outcome.did_work:
+            worked.add(plan.address)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def call_stage(plan: StagePlan, root: Path, clean: bool, run_cache: bool = True) -> StageOutcome:
+    """Run the stage task in this thread; its data whether it finished Cached or Completed."""
+    state = run_stage_task(plan, str(root), clean, run_cache, return_state=True)
+    return StageOutcome(**state.result())
+
+
+def default_workers() -> int:
+    """Parallel sweep points only where each gets real cores: torch already uses every core of
+    one process, so two stages on two cores run no faster than one after the other."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // 4)
+
+
+def outcomes_table(outcomes: list[StageOutcome]) -> list[dict[str, Any]]:
+    return [
+        {"stage": o.address, "action": o.action, "status": o.status or "", "stage wall s": o.wall_s,
+         "task s": o.seconds, "peak MiB": o.peak_memory_mb, "reason": o.reason or ""}
+        for o in outcomes
+    ]

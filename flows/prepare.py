@@ -1,0 +1,171 @@
+"""What every flow does before DVC starts: offline settings, parameters, cheap pre-flight checks."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from tasks.common import apply_offline_env, read_manifest
+from tasks.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params, write_params_file
+from wanda.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_params_file(root: Path, params_file: str | Path | None) -> Path:
+    """The repository's params.yaml by default; a given relative path as the shell sees it
+    (from the current folder), else relative to the repository root."""
+    if params_file is None:
+        return root / DEFAULT_PARAMS_FILE
+    path = Path(params_file)
+    if path.is_absolute():
+        return path
+    return Path.cwd() / path if (Path.cwd() / path).exists() else root / path
+
+
+def prepare_params(root: Path, params_file: str | Path | None = None,
+                   overrides: list[str] | None = None) -> tuple[PipelineParams, str | None]:
+    """Validate, then make ``params.yaml`` hold exactly the parameters to run.
+
+    DVC reads stage parameters from ``params.yaml`` and records their values in ``dvc.lock``; so
+    ``--params FILE`` and ``-S key=value`` are written there (comments kept), as
+    ``dvc exp run -S`` does, and the lineage states what really ran. Nothing is written when the
+    parameters do not validate. Returns the parameters and a note of what was written, if anything.
+    """
+    apply_offline_env()
+    source = resolve_params_file(root, params_file)
+    params = load_params(source, overrides)
+    target = root / DEFAULT_PARAMS_FILE
+    if source.resolve() == target.resolve() and not overrides:
+        return params, None
+    write_params_file(target, source.read_text(encoding="utf-8"), overrides)
+    written = load_params(target)
+    if written != params:  # pragma: no cover - a YAML round trip that changed a value
+        raise ConfigError("params", f"writing {target} changed the parameters; check the overrides {overrides}")
+    what = [] if source.resolve() == target.resolve() else [f"the contents of {source}"]
+    what += [f"-S {item}" for item in overrides or []]
+    note = f"params.yaml now holds {', '.join(what)} (DVC reads params.yaml; git diff shows the change)"
+    return params, note
+
+
+def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
+    """Fail before any stage runs on inputs that cannot exist here; return warnings.
+
+    Relative paths in the parameters are relative to the repository root, where DVC runs the
+    stages; so are the checks.
+    """
+    with contextlib.chdir(root or Path.cwd()):
+        return _preflight(params)
+
+
+def _preflight(params: PipelineParams) -> list[str]:
+    from wanda.model_io import resolve_source
+
+    warnings: list[str] = []
+    resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
+    _config, note = params.calibration.resolve()
+    if note:
+        warnings.append(note)
+    _config.source.check_exists("calibration.source")
+    if params.evaluate.perplexity is not None:
+        ppl, note = params.evaluate.perplexity.resolve()
+        if note:
+            warnings.append(note)
+        ppl.source.check_exists("evaluate.perplexity.source")
+    if params.evaluate.zeroshot is not None:
+        from wanda.evaluation.zeroshot import check_task_data
+
+        check_task_data(params.evaluate.zeroshot)
+    if params.runtime.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("runtime.device", f"{params.runtime.device} requested but no CUDA device is visible",
+                              "cpu")
+    return warnings
+
+
+def content_force_reasons(root: Path, params: PipelineParams) -> dict[str, str]:
+    """Stages DVC would call up to date although what they read changed underneath.
+
+    DVC sees the parameter *names* of sources outside the repository (``model.source``, a text
+    file under the shared data folder, ``builtin:`` text) and not the machine, so a stage is
+    re-run when: the bytes behind ``model.source`` changed; the calibration or evaluation text
+    now resolves to another file or other bytes (e.g. the shared data appeared, so the fallback
+    is no longer used); a stage skipped for lack of a GPU/TensorRT-LLM now has them.
+    """
+    with contextlib.chdir(root):
+        return _content_force_reasons(root, params)
+
+
+def _content_force_reasons(root: Path, params: PipelineParams) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    checks = (("materialize", _model_source_changed), ("calibration", _calibration_text_changed),
+              ("dense_eval", _evaluation_text_changed), ("engine", _engine_environment_changed))
+    for stage, check in checks:
+        manifest = read_manifest(root / getattr(params.paths, stage))
+        if manifest is None:
+            continue
+        try:
+            reason = check(root, params, manifest)
+        except Exception as exc:  # a check must never block a run; DVC's own checks still apply
+            log.debug("content check of %s failed: %s", stage, exc)
+            reason = None
+        if reason:
+            reasons[stage] = reason
+    return reasons
+
+
+def _model_source_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
+    from tasks.materialize import source_digest
+
+    summary = manifest.get("summary") or {}
+    if summary.get("source") != params.model.source or summary.get("source_digest") is None:
+        return None  # another source is a parameter change, which DVC sees itself
+    now = source_digest(params.model.source)
+    if now is not None and now != summary["source_digest"]:
+        return f"the bytes behind model.source {params.model.source} changed (sha256 {now[:12]}, recorded " \
+               f"{summary['source_digest'][:12]})"
+    return None
+
+
+def _calibration_text_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
+    from wanda.data import load_text
+
+    summary = manifest.get("summary") or {}
+    config, _ = params.calibration.resolve()
+    if summary.get("source_description") != config.source.describe():
+        return f"calibration text now resolves to {config.source.describe()} (recorded " \
+               f"{summary.get('source_description')})"
+    if summary.get("source_digest") and load_text(config.source).digest != summary["source_digest"]:
+        return f"calibration text {config.source.describe()} has other bytes than when it was sampled"
+    return None
+
+
+def _evaluation_text_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
+    import json
+
+    from wanda.evaluation.perplexity import source_digest
+
+    if params.evaluate.perplexity is None:
+        return None
+    config, _ = params.evaluate.perplexity.resolve()
+    result = json.loads((root / params.paths.dense_eval / "result.json").read_text())
+    recorded = ((result.get("settings") or {}).get("perplexity") or {})
+    if recorded.get("source") != config.source.model_dump(mode="json"):
+        return f"evaluation text now resolves to {config.source.describe()}"
+    if recorded.get("text_digest") and source_digest(config) != recorded["text_digest"]:
+        return f"evaluation text {config.source.describe()} has other bytes than when it was evaluated"
+    return None
+
+
+def _engine_environment_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
+    from tasks.engine import gpu_environment, missing_gpu_reason
+
+    if manifest.get("status") != "skipped":
+        return None
+    recorded = (manifest.get("summary") or {}).get("environment")
+    now = gpu_environment(params.engine.container)
+    if recorded is not None and recorded != now and missing_gpu_reason(recorded) and not missing_gpu_reason(now):
+        return f"skipped on a machine without GPU/TensorRT-LLM ({recorded}); this one has them ({now})"
+    return None

@@ -1,0 +1,53 @@
+"""Stage ``benchmark``: ``trtllm-bench`` latency of the sparse engine against the dense ones.
+
+Skipped (with the reason) when the engine stage was skipped or ``benchmark.enabled`` is false.
+Writes ``benchmark.json`` (a :class:`wanda.export.BenchmarkReport`).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from wanda.atomic import write_json
+
+from .common import StageContext, StageResult, run_stage, stage_main
+from .engine import gpu_environment
+from .params import PipelineParams
+
+NAME = "benchmark"
+
+
+def _body(ctx: StageContext) -> StageResult:
+    engine, export, pruned = ctx.input("engine"), ctx.input("export_24"), ctx.input("prune")
+    section = ctx.params.benchmark
+    env = gpu_environment(engine.summary.get("container"))
+    if engine.skipped:
+        return StageResult.skipped(f"no engines to benchmark; {engine.reason}", environment=env)
+    if not section.enabled:
+        return StageResult.skipped("benchmark.enabled is false", environment=env)
+
+    from wanda.export import EngineShapes, TokenDatasetSpec, ToolRunner, run_benchmarks, write_token_dataset
+
+    spec = TokenDatasetSpec(num_requests=section.num_requests, input_len=section.input_len,
+                            output_len=section.output_len, seed=section.seed,
+                            vocab_size=int(export.summary["vocab_size"]))
+    dataset = write_token_dataset(ctx.work / "requests.jsonl", spec)
+    engine_dirs = {name: engine.path / rel for name, rel in engine.summary["engines"].items()}
+    report = run_benchmarks(engine_dirs, dataset, ctx.work, model_name="pruned",
+                            model_path=pruned.file("model"), modes=section.modes,
+                            runner=ToolRunner(engine.summary.get("container")), warmup=section.warmup,
+                            timeout=section.timeout_s, shapes=EngineShapes(**engine.summary["shapes"]))
+    write_json(ctx.work / "benchmark.json", report.model_dump(mode="json"))
+    return StageResult(summary={"ratios": report.model_dump(mode="json")["ratios"], "environment": env})
+
+
+def run(params: PipelineParams, root: str | Path = ".") -> dict:
+    return run_stage(NAME, params, _body, root)
+
+
+def main() -> None:
+    sys.exit(stage_main(NAME, run))
+
+
+if __name__ == "__main__":
+    main()

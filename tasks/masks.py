@@ -1,0 +1,100 @@
+"""Stage ``masks``: one boolean per weight of every target layer (True = pruned).
+
+Outputs: ``masks.safetensors`` (packed bits, with the base model fingerprint and the recipe in its
+metadata), ``sparsity.json`` (per-layer report) and, in sequential mode, the statistics taken on
+the way (``statistics.safetensors``). Methods that also change the kept weights (SparseGPT) add
+``weights.safetensors`` with the updated target weights, which the prune stage applies.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from wanda.atomic import write_json
+from wanda.hashing import sha256_file
+
+from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
+from .params import PipelineParams
+
+NAME = "masks"
+MASKS = "masks.safetensors"
+WEIGHTS = "weights.safetensors"
+STATS = "statistics.safetensors"
+
+
+def prune_config(ctx: StageContext):
+    """The recipe: the statistics artifact's settings (how statistics were or will be taken)
+    joined with this stage's own section."""
+    from wanda.config import PruneConfig
+
+    settings = json.loads(ctx.input("statistics").file("settings.json").read_text())
+    return PruneConfig(**settings, **ctx.params.masks.model_dump())
+
+
+def describe(config) -> str:
+    """How tables name a candidate, e.g. ``wanda 50% unstructured (sequential)``."""
+    amount = config.pattern if config.nm else f"{config.sparsity:.0%} unstructured"
+    return f"{config.method} {amount} ({config.mode.replace('_', '-')})"
+
+
+def _body(ctx: StageContext) -> StageResult:
+    from wanda.calibration import CalibrationSet
+    from wanda.masks import save_masks, sparsity_report
+    from wanda.prune import compute_masks, prune_model
+    from wanda.statistics import ActivationStatistics
+
+    config = prune_config(ctx)
+    model, _ = load_model_dir(ctx.input("materialize").file("model"), ctx.params)
+    lineage = ctx.lineage()
+    stats_out = None
+    if config.mode == "one_pass":
+        stats = None
+        if config.needs_statistics:
+            stats = ActivationStatistics.load(ctx.input("statistics").file("statistics.safetensors"))
+        masks = compute_masks(model, stats, config)
+    else:
+        calib = CalibrationSet.load(ctx.input("calibration").file("tokens.safetensors"))
+        stats_out = ActivationStatistics()
+        masks = prune_model(model, calib.tokens if config.needs_statistics else None, config,
+                            statistics_out=stats_out)
+    metadata = {
+        "base_model_fingerprint": lineage["base_model_fingerprint"],
+        "calibration_token_digest": lineage.get("calibration_token_digest", ""),
+        "recipe": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+    }
+    save_masks(ctx.work / MASKS, masks, metadata=metadata)
+    report = sparsity_report(masks)
+    write_json(ctx.work / "sparsity.json", report)
+    summary = {
+        "recipe": config.model_dump(mode="json"),
+        "label": describe(config),
+        "mode": config.mode,
+        "overall_sparsity": report["overall"],
+        "layers": len(masks),
+        "updates_weights": bool(getattr(config, "updates_weights", False)),
+    }
+    lineage_out = {"masks_digest": sha256_file(ctx.work / MASKS)}
+    if stats_out is not None and stats_out.layers:
+        stats_out.save(ctx.work / STATS, metadata={"base_model_fingerprint": lineage["base_model_fingerprint"]})
+        summary["sequential_statistics"] = STATS
+    if summary["updates_weights"]:
+        from safetensors.torch import save_file
+
+        modules = dict(model.named_modules())
+        weights = {f"{name}.weight": modules[name].weight.detach().to("cpu").contiguous() for name in masks}
+        save_file(weights, str(ctx.work / WEIGHTS), metadata={"base_model_fingerprint": lineage["base_model_fingerprint"]})
+        lineage_out["updated_weights_digest"] = sha256_file(ctx.work / WEIGHTS)
+    return StageResult(summary=summary, lineage=lineage_out)
+
+
+def run(params: PipelineParams, root: str | Path = ".") -> dict:
+    return run_stage(NAME, params, _body, root)
+
+
+def main() -> None:
+    sys.exit(stage_main(NAME, run))
+
+
+if __name__ == "__main__":
+    main()

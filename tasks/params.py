@@ -1,0 +1,409 @@
+"""The pipeline's parameters: one validated document with one section per stage.
+
+``params.yaml`` is read with YAML 1.2 (ruamel, as DVC reads it), so ``pattern: 2:4`` stays the
+string "2:4" instead of YAML 1.1's base-60 integer 124 and both tools see the same values.
+Every value is validated (pydantic) before any stage runs; errors name the dotted field and,
+where there is a closed set, the allowed values.
+
+Sections reuse the library's own pydantic configs instead of restating their fields:
+``calibration`` is a :class:`wanda.calibration.CalibrationConfig`, ``statistics`` and ``masks``
+split the fields of :class:`wanda.config.PruneConfig` (what the statistics pass needs vs what
+only the masks need, so a sparsity change cannot invalidate statistics), ``evaluate.perplexity``
+is a :class:`wanda.evaluation.PerplexityConfig`, ``engine.shapes`` an
+:class:`wanda.export.engine.EngineShapes`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from wanda.calibration import CalibrationConfig
+from wanda.config import PruneConfig, parse_pattern
+from wanda.data import TextSource, resolve_path
+from wanda.errors import ConfigError
+from wanda.gate import GateCriteria
+from wanda.evaluation.perplexity import PerplexityConfig
+from wanda.evaluation.zeroshot import ZeroShotConfig
+from wanda.model_io import DTYPES, EMBEDDED_DEFAULT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+# PruneConfig fields that decide how statistics are collected; every other PruneConfig field
+# belongs to the masks section, so changing it leaves the (expensive) statistics cached.
+STATISTICS_FIELDS = ("mode", "batch_size", "targets", "ignore")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _prune_fields(names) -> dict[str, tuple[Any, Any]]:
+    fields = PruneConfig.model_fields
+    return {name: (fields[name].annotation, fields[name]) for name in names}
+
+
+def _masks_field_names() -> list[str]:
+    return [name for name in PruneConfig.model_fields if name not in STATISTICS_FIELDS]
+
+
+_StatisticsFields = create_model("_StatisticsFields", __base__=Section, **_prune_fields(STATISTICS_FIELDS))
+_MasksFields = create_model("_MasksFields", __base__=Section, **_prune_fields(_masks_field_names()))
+
+
+class ModelSection(Section):
+    # Any source wanda.model_io accepts: embedded:NAME, a .gguf file, a model directory, a hub id.
+    source: str = EMBEDDED_DEFAULT
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+
+
+class RuntimeSection(Section):
+    """Where compute runs. Part of the cache key of every stage that runs the model: CPU and GPU
+    kernels round differently, so their masks and perplexities are different artifacts."""
+
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device {value!r} is not supported (allowed: cpu, cuda, cuda:N)")
+        return value
+
+
+def _resolve_source(source: TextSource, fallback: TextSource | None, field: str) -> tuple[TextSource, str | None]:
+    """The source to read: ``source`` when its file exists, else ``fallback`` (with a note why)."""
+    if source.path and not resolve_path(source.path).is_file() and fallback is not None:
+        note = f"{field}.source {source.describe()} is absent; using {field}.fallback {fallback.describe()}"
+        return fallback, note
+    return source, None
+
+
+class CalibrationSection(CalibrationConfig):
+    # Used when ``source`` is a file that does not exist here (a fresh machine without the
+    # shared data). The artifact records which one was used; tokens differ, so do digests.
+    fallback: TextSource | None = None
+
+    def resolve(self) -> tuple[CalibrationConfig, str | None]:
+        source, note = _resolve_source(self.source, self.fallback, "calibration")
+        fields = self.model_dump(exclude={"fallback", "source"})
+        return CalibrationConfig(source=source, **fields), note
+
+
+class StatisticsSection(_StatisticsFields):
+    """How calibration statistics are taken: ``one_pass`` (dense model, shared by every mask
+    configuration) or ``sequential`` (the paper's procedure: computed by the masks stage, block
+    by block on the already-pruned prefix)."""
+
+
+class MasksSection(_MasksFields):
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value.strip().replace(" ", "")
+
+
+class PruneSection(Section):
+    # dtype of the written pruned model; null keeps the materialized model's dtype.
+    dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
+
+
+class PerplexitySection(PerplexityConfig):
+    fallback: TextSource | None = None
+
+    def resolve(self) -> tuple[PerplexityConfig, str | None]:
+        source, note = _resolve_source(self.source, self.fallback, "evaluate.perplexity")
+        return PerplexityConfig(source=source, **self.model_dump(exclude={"fallback", "source"})), note
+
+
+class EvaluateSection(Section):
+    perplexity: PerplexitySection | None = Field(default_factory=PerplexitySection)
+    zeroshot: ZeroShotConfig | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> "EvaluateSection":
+        if self.perplexity is None and self.zeroshot is None:
+            raise ValueError("nothing to evaluate: set perplexity, zeroshot or both")
+        return self
+
+
+class Export24Section(Section):
+    # The stage exports only when the pruned model is 2:4; otherwise it records why it skipped.
+    enabled: bool = True
+    dtype: Literal["float16", "bfloat16"] = "float16"
+
+
+class EngineShapesSection(Section):
+    max_batch_size: int = Field(1, ge=1)
+    max_input_len: int = Field(128, ge=1)
+    max_seq_len: int = Field(256, ge=2)
+
+
+class EngineSection(Section):
+    enabled: bool = True
+    shapes: EngineShapesSection = Field(default_factory=EngineShapesSection)
+    # A container command prefix for trtllm-build (e.g. "docker run --rm --gpus all ... image");
+    # null: the tool on the PATH.
+    container: str | None = None
+    timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "EngineSection":
+        from wanda.export.engine import EngineShapes
+
+        EngineShapes(**self.shapes.model_dump())  # the library's own consistency checks
+        return self
+
+
+class BenchmarkSection(Section):
+    enabled: bool = True
+    num_requests: int = Field(32, ge=1)
+    input_len: int = Field(128, ge=1)
+    output_len: int = Field(128, ge=1)
+    seed: int = 0
+    modes: list[Literal["latency", "throughput"]] = Field(default_factory=lambda: ["latency"], min_length=1)
+    warmup: int = Field(2, ge=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+STAGE_NAMES = ("materialize", "calibration", "statistics", "masks", "prune", "dense_eval", "evaluate",
+               "export_24", "engine", "benchmark")
+
+
+class PathsSection(Section):
+    """Where each stage writes its artifact folder (relative to the repository root).
+
+    ``dvc.yaml`` reads these through templating, so declared outputs and written folders never
+    disagree. Sweeps point some of them at per-point folders.
+    """
+
+    materialize: str = "artifacts/materialize"
+    calibration: str = "artifacts/calibration"
+    statistics: str = "artifacts/statistics"
+    masks: str = "artifacts/masks"
+    prune: str = "artifacts/prune"
+    dense_eval: str = "artifacts/dense_eval"
+    evaluate: str = "artifacts/evaluate"
+    export_24: str = "artifacts/export_24"
+    engine: str = "artifacts/engine"
+    benchmark: str = "artifacts/benchmark"
+
+    @field_validator("*")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or not value.strip() or value.strip() in (".", "./"):
+            raise ValueError(f"{value!r}: must be a relative folder inside the repository")
+        return path.as_posix()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PathsSection":
+        values = list(self.model_dump().values())
+        for a in values:
+            for b in values:
+                if a != b and (b.startswith(a + "/")):
+                    raise ValueError(f"stage folders may not nest: {b!r} lies inside {a!r}")
+        if len(set(values)) != len(values):
+            raise ValueError("every stage needs its own folder (two paths are equal)")
+        return self
+
+
+class PipelineParams(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    statistics: StatisticsSection = Field(default_factory=StatisticsSection)
+    masks: MasksSection = Field(default_factory=MasksSection)
+    prune: PruneSection = Field(default_factory=PruneSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    export_24: Export24Section = Field(default_factory=Export24Section)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    # Read by the release flows (flows/release.py, flows/tracking.py), not by any stage here;
+    # the gate criteria are validated with the library's model, tracking by its owner.
+    gate: GateCriteria | None = None
+    tracking: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _prune_config(self) -> "PipelineParams":
+        # The library decides which combinations are valid (e.g. SparseGPT needs sequential
+        # mode, N:M fixes the sparsity); checked here so it fails before any stage runs.
+        self.prune_config()
+        return self
+
+    def prune_config(self) -> PruneConfig:
+        try:
+            return PruneConfig(**self.statistics.model_dump(), **self.masks.model_dump())
+        except ValidationError as exc:
+            messages = "; ".join(_clean(err["msg"]) for err in exc.errors())
+            raise ValueError(f"{_PRUNE_PREFIX}{messages}") from None
+
+
+_PRUNE_PREFIX = "masks/statistics: "
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def _yaml(typ: str = "safe"):
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ=typ, pure=True)
+    yaml.default_flow_style = False
+    return yaml
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("params", f"parameter file not found: {path}")
+    try:
+        data = _yaml().load(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # ruamel raises many parser error types
+        raise ConfigError("params", f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("params", f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A ``-S key=value`` value, typed as YAML 1.2 types it (0.6 float, 2:4 string, null, [a, b])."""
+    try:
+        return _yaml().load(text) if text.strip() else ""
+    except Exception:
+        return text
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError("override", f"{item!r} is not KEY=VALUE", "section.field=value, e.g. masks.sparsity=0.6")
+    key, _, value = item.partition("=")
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError("override", f"{key!r} is not a dotted parameter name", "e.g. masks.sparsity")
+    return keys, parse_value(value)
+
+
+def _model_at(keys: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``keys[:-1]`` (None past a non-model field)."""
+    model: type[BaseModel] | None = PipelineParams
+    for key in keys[:-1]:
+        if model is None or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        model = _model_of(annotation)
+    return model
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A copy of ``data`` with each ``a.b.c=value`` set; unknown names fail with the allowed ones."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        model = _model_at(keys)
+        if model is not None and keys[-1] not in model.model_fields:
+            raise ConfigError(".".join(keys), "unknown parameter", ", ".join(model.model_fields))
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(keys), f"{key!r} holds a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def error_lines(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(dotted field, message)`` per error; unknown keys list the allowed ones."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"])
+        message = _clean(err["msg"])
+        if not loc and message.startswith(_PRUNE_PREFIX):
+            loc, message = "masks", message.removeprefix(_PRUNE_PREFIX)
+        if err["type"] == "extra_forbidden":
+            model = _model_at(list(map(str, err["loc"])))
+            if model is not None:
+                message += f" (allowed: {', '.join(model.model_fields)})"
+        lines.append((loc or "params", message))
+    return lines
+
+
+def validate_params(data: dict[str, Any]) -> PipelineParams:
+    try:
+        return PipelineParams.model_validate(data)
+    except ValidationError as exc:
+        errors = error_lines(exc)
+        field, first = errors[0]
+        rest = "; ".join(f"{loc}: {message}" for loc, message in errors[1:])
+        raise ConfigError(field, first + (f"; {rest}" if rest else "")) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None,
+                point: str | None = None) -> PipelineParams:
+    """Read, override and validate. ``point`` selects one point of a sweep parameter file."""
+    data = read_yaml(path)
+    if point is not None:
+        points = data.get("points") or {}
+        if point not in points:
+            raise ConfigError("point", f"{point!r} is not a point of {path}", ", ".join(points) or "none")
+        data = points[point]["params"]
+    return validate_params(apply_overrides(data, overrides))
+
+
+def params_dict(params: PipelineParams) -> dict[str, Any]:
+    """Plain JSON-able values, as a manifest records them and a parameter file holds them."""
+    return params.model_dump(mode="json")
+
+
+def write_params_file(target: str | Path, base_text: str, overrides: list[str] | None) -> None:
+    """Write ``base_text`` with ``overrides`` applied, keeping its comments and order.
+
+    DVC reads the stage parameters from this file and records their values in ``dvc.lock``, so
+    an override must land here (as ``dvc exp run -S`` does) for the lineage to be true.
+    """
+    from wanda.atomic import atomic_file
+
+    yaml = _yaml("rt")
+    yaml.preserve_quotes = True
+    data = yaml.load(base_text) or {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            if key not in node or node[key] is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    buffer = io.StringIO()
+    yaml.dump(data, buffer)
+    with atomic_file(target, "w") as handle:
+        handle.write(buffer.getvalue())

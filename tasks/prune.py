@@ -1,0 +1,74 @@
+"""Stage ``prune``: the pruned model, written as a materialized safetensors folder.
+
+The base weights with the masks applied (and, for weight-updating methods, the updated target
+weights from the masks artifact first). The masks' recorded base model must be the base model
+read here; the result is verified (every masked weight is exactly zero) before it is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from wanda.errors import ArtifactMismatchError
+
+from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
+from .params import PipelineParams
+
+NAME = "prune"
+
+
+def _body(ctx: StageContext) -> StageResult:
+    from wanda.masks import apply_masks, load_masks, sparsity_report
+    from wanda.model_io import DTYPES, save_model
+
+    base, masks_artifact = ctx.input("materialize"), ctx.input("masks")
+    fingerprint = base.lineage["base_model_fingerprint"]
+    masks, metadata = load_masks(masks_artifact.file("masks.safetensors"))
+    # The manifests already agree (common.check_lineage); the file's own record must agree too.
+    recorded = metadata.get("base_model_fingerprint")
+    if recorded and recorded != fingerprint:
+        raise ArtifactMismatchError(
+            f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
+    model, tokenizer = load_model_dir(base.file("model"), ctx.params)
+    model.to("cpu")
+    if masks_artifact.summary.get("updates_weights"):
+        from safetensors.torch import load_file
+
+        updated = load_file(str(masks_artifact.file("weights.safetensors")))
+        missing = model.load_state_dict(updated, strict=False)
+        if missing.unexpected_keys:
+            raise ArtifactMismatchError(f"updated weights name layers the model lacks: {missing.unexpected_keys[:3]}")
+    apply_masks(model, masks, verify=True)
+    if ctx.params.prune.dtype:
+        model.to(DTYPES[ctx.params.prune.dtype])
+    modules = dict(model.named_modules())
+    zeros = sum(int((modules[name].weight == 0).sum()) for name in masks)
+    total = sum(modules[name].weight.numel() for name in masks)
+    record = save_model(model, tokenizer, ctx.work / "model", extra={
+        "source": base.summary.get("source", ""),
+        "base_model_fingerprint": fingerprint,
+        "masks_digest": masks_artifact.lineage.get("masks_digest", ""),
+        "pruned": True,
+    })
+    summary = {
+        "fingerprint": record.fingerprint,
+        "dtype": record.dtype,
+        "recipe": masks_artifact.summary.get("recipe"),
+        "label": masks_artifact.summary.get("label"),
+        "mask_sparsity": sparsity_report(masks)["overall"],
+        # Counted on the written weights: includes weights that were zero before pruning.
+        "zero_fraction": round(zeros / total, 6) if total else 0.0,
+    }
+    return StageResult(summary=summary, lineage={"pruned_model_fingerprint": record.fingerprint})
+
+
+def run(params: PipelineParams, root: str | Path = ".") -> dict:
+    return run_stage(NAME, params, _body, root)
+
+
+def main() -> None:
+    sys.exit(stage_main(NAME, run))
+
+
+if __name__ == "__main__":
+    main()
