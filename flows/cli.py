@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from flows.cli_release import (add_audit_parser, add_release_parser, add_track_parser, cmd_audit, cmd_release,
-                               cmd_track)
-from tasks.common import OFFLINE_ENV
+from tasks.offline import apply_offline_env
 
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+apply_offline_env()  # before anything imports the Hugging Face libraries
+
+from flows.cli_release import (add_audit_parser, add_release_parser, add_track_parser,  # noqa: E402
+                               cmd_audit, cmd_release, cmd_track)
 
 EXIT_OK, EXIT_FAILED, EXIT_PARAMS = 0, 1, 2
 

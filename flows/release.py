@@ -38,7 +38,7 @@ from wanda.gate import GateCriteria, GateDecision, GateMetrics, decide
 from wanda.lineage import ArtifactCheck, lineage_ok
 
 from .audit import ModelRef, get_version, parse_ref, verify_version
-from .tracking import (TAG, ResolvedTracking, TrackingConfig, get_client, read_yaml, resolve_tracking,
+from .tracking import (TAG, ResolvedTracking, TrackingConfig, get_client, params_section, resolve_tracking,
                        tracking_config_from_params)
 
 if TYPE_CHECKING:
@@ -83,18 +83,7 @@ class ReleaseOutcome(BaseModel):
 
 def criteria_from_params(root: str | Path, params_file: str | Path = "params.yaml") -> GateCriteria:
     """The ``gate`` section of the parameter file (defaults when absent); errors name the field."""
-    from pydantic import ValidationError
-
-    from wanda.errors import ConfigError
-
-    path = Path(params_file)
-    path = path if path.is_absolute() else Path(root) / path
-    section = (read_yaml(path).get("gate") if path.is_file() else None) or {}
-    try:
-        return GateCriteria(**section)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(".".join(["gate", *map(str, err["loc"])]), err["msg"].removeprefix("Value error, ")) from None
+    return params_section(root, params_file, "gate", GateCriteria)
 
 
 # ----------------------------------------------------------------------------- lock

@@ -743,20 +743,27 @@ def registered_model_dir(client: "MlflowClient", version, dst: Path | None = Non
 
 # ----------------------------------------------------------------------------- pipeline hook
 
-def tracking_config_from_params(root: str | Path, params_file: str | Path = "params.yaml") -> TrackingConfig:
-    """The ``tracking`` section of the parameter file (defaults when absent); errors name the field."""
+def params_section(root: str | Path, params_file: str | Path, section: str, model: type[BaseModel]):
+    """Section ``section`` of the parameter file as ``model`` (defaults when absent); a
+    validation error becomes a ConfigError naming the field, e.g. ``gate.min_sparsity``."""
     from pydantic import ValidationError
 
     from wanda.errors import ConfigError
 
     path = Path(params_file)
     path = path if path.is_absolute() else Path(root) / path
-    section = (read_yaml(path).get("tracking") if path.is_file() else None) or {}
+    values = (read_yaml(path).get(section) if path.is_file() else None) or {}
     try:
-        return TrackingConfig(**section)
+        return model(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(".".join(["tracking", *map(str, err["loc"])]), err["msg"]) from None
+        raise ConfigError(".".join([section, *map(str, err["loc"])]),
+                          err["msg"].removeprefix("Value error, ")) from None
+
+
+def tracking_config_from_params(root: str | Path, params_file: str | Path = "params.yaml") -> TrackingConfig:
+    """The ``tracking`` section of the parameter file."""
+    return params_section(root, params_file, "tracking", TrackingConfig)
 
 
 def track_pipeline_run(root: str | Path, params_file: str = "params.yaml", flow_run_id: str | None = None,

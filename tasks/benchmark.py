@@ -5,14 +5,11 @@ Writes ``benchmark.json`` (a :class:`wanda.export.BenchmarkReport`).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 from wanda.atomic import write_json
 
-from .common import StageContext, StageResult, run_stage, stage_main
+from .common import StageContext, StageResult, stage_entry
 from .engine import gpu_environment
-from .params import PipelineParams
 
 NAME = "benchmark"
 
@@ -41,12 +38,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary={"ratios": report.model_dump(mode="json")["ratios"], "environment": env})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 from wanda.atomic import write_json
 
-from .common import StageContext, StageResult, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, stage_entry
 
 log = logging.getLogger(__name__)
 NAME = "calibration"
@@ -51,12 +48,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary, lineage={"calibration_token_digest": calib.digest})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

@@ -34,27 +34,14 @@ from wanda.errors import ArtifactMismatchError, ConfigError, WandaError
 from wanda.hashing import sha256_file
 
 from . import graph
+from .offline import OFFLINE_ENV, apply_offline_env  # noqa: F401 (re-exported)
 from .params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SCHEMA = "wanda-stage-manifest/1"
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 LIBRARIES = ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pydantic", "wanda-pipeline")
-
-
-def apply_offline_env() -> None:
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 # ----------------------------------------------------------------------------- records
@@ -341,6 +328,23 @@ def load_model_dir(folder: Path, params: PipelineParams, dtype: str | None = Non
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def stage_entry(name: str, body: Body) -> tuple[Callable[..., dict], Callable[..., None]]:
+    """A stage module's ``run(params, root)`` (the Prefect task calls it) and ``main()``
+    (``python -m tasks.<name>``, what dvc.yaml runs)."""
+
+    def run(params: PipelineParams, root: str | Path = ".") -> dict:
+        return run_stage(name, params, body, root)
+
+    def main(argv: list[str] | None = None) -> None:
+        sys.exit(stage_main(name, run, argv))
+
+    run.__doc__ = f"Run the {name} stage on ``params`` in the repository ``root``."
+    for function in (run, main):  # they belong to the stage's module (logs, Prefect task names)
+        function.__module__ = body.__module__
+        function.__qualname__ = function.__name__
+    return run, main
 
 
 def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = None) -> int:

@@ -9,11 +9,8 @@ that has one.
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
-from .common import StageContext, StageResult, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, stage_entry
 
 NAME = "engine"
 ENGINES = "engines"
@@ -71,12 +68,7 @@ def _body(ctx: StageContext) -> StageResult:
                                 "container": section.container})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,8 @@ Runs on CPU. Skipped, with the reason recorded in the manifest, when the pruned 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, load_model_dir, stage_entry
 
 NAME = "export_24"
 CHECKPOINT = "checkpoint"
@@ -44,12 +41,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary)
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ the way (``statistics.safetensors``). Methods that also change the kept weights 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 from wanda.atomic import write_json
 from wanda.hashing import sha256_file
 
-from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, load_model_dir, stage_entry
 
 NAME = "masks"
 MASKS = "masks.safetensors"
@@ -88,12 +85,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary, lineage=lineage_out)
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

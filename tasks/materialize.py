@@ -6,13 +6,11 @@ refused downstream.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from wanda.hashing import sha256_file
 
-from .common import StageContext, StageResult, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, stage_entry
 
 NAME = "materialize"
 
@@ -56,12 +54,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary, lineage={"base_model_fingerprint": record.fingerprint})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

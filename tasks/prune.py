@@ -6,13 +6,10 @@ read here; the result is verified (every masked weight is exactly zero) before i
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 from wanda.errors import ArtifactMismatchError
 
-from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, load_model_dir, stage_entry
 
 NAME = "prune"
 
@@ -62,12 +59,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary, lineage={"pruned_model_fingerprint": record.fingerprint})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

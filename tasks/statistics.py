@@ -9,14 +9,11 @@ settings (``settings.json``), so the artifact says which mode was used either wa
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 from wanda.atomic import write_json
 from wanda.hashing import sha256_file
 
-from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
-from .params import PipelineParams
+from .common import StageContext, StageResult, load_model_dir, stage_entry
 
 NAME = "statistics"
 STATS = "statistics.safetensors"
@@ -49,12 +46,7 @@ def _body(ctx: StageContext) -> StageResult:
     return StageResult(summary=summary, lineage={"statistics_mode": "one_pass", "statistics_digest": digest})
 
 
-def run(params: PipelineParams, root: str | Path = ".") -> dict:
-    return run_stage(NAME, params, _body, root)
-
-
-def main() -> None:
-    sys.exit(stage_main(NAME, run))
+run, main = stage_entry(NAME, _body)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,9 @@
 """Shared fixtures: offline settings, tiny random models, the embedded model and shared data."""
 from __future__ import annotations
 
-import os
+from tasks.offline import apply_offline_env
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_offline_env()  # before torch, transformers and datasets are imported
 
 from pathlib import Path  # noqa: E402
 

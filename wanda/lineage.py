@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .hashing import sha256_file
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -53,14 +55,6 @@ def md5_file(path: str | Path) -> str:
             digest.update(block)
     _MD5_MEMO[key] = digest.hexdigest()
     return _MD5_MEMO[key]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dir_listing(directory: str | Path) -> list[dict[str, str]]:
