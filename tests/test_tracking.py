@@ -517,8 +517,9 @@ def test_release_cli_exit_codes(project):
                                 "wanda-test", "--flow-run-id", "f-1", "--json"])
     assert code == 0, out
     v1 = json.loads(out)["model_version"]
-    (project / "params.yaml").write_text((project / "params.yaml").read_text().rstrip()[:-1]
-                                         + ', "gate": {"min_sparsity": 0.4, "max_ppl_increase_rel": 0.5}}\n')
+    params = json.loads((project / "params.yaml").read_text())  # JSON is YAML: the file is written as JSON
+    params["gate"] = {"min_sparsity": 0.4, "max_ppl_increase_rel": 0.5}
+    (project / "params.yaml").write_text(json.dumps(params))
     common = ["--registered-model", MODEL, "--experiment", "wanda-test"]
     code, out = _cli(cli_main, ["--repo", str(project), "release", f"{MODEL}/{v1}", *common])
     assert code == 1 and "REJECTED" in out and "min_sparsity" in out
