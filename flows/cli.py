@@ -16,6 +16,8 @@ apply_offline_env()  # before anything imports the Hugging Face libraries
 
 from flows.cli_release import (add_audit_parser, add_release_parser, add_track_parser,  # noqa: E402
                                cmd_audit, cmd_release, cmd_track)
+from flows.cli_deploy import COMMANDS as DEPLOY_COMMANDS  # noqa: E402
+from flows.cli_deploy import add_deploy_parser, add_rollback_parser, add_serve_parser  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_PARAMS = 0, 1, 2
 
@@ -70,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     add_track_parser(sub)
     add_release_parser(sub)
     add_audit_parser(sub)
+    add_rollback_parser(sub)
+    add_deploy_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -192,7 +197,7 @@ def cmd_dvc_yaml(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "dag": cmd_dag, "dvc-yaml": cmd_dvc_yaml,
-            "track": cmd_track, "release": cmd_release, "audit": cmd_audit}
+            "track": cmd_track, "release": cmd_release, "audit": cmd_audit, **DEPLOY_COMMANDS}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -22,15 +19,10 @@ pytest.importorskip("mlflow")
 from flows.audit import audit, format_report  # noqa: E402
 from flows.release import run_release  # noqa: E402
 from flows.tracking import TrackingConfig, resolve_tracking  # noqa: E402
+from tests.servers import free_port, wait_http  # noqa: E402
 from tests.test_tracking import GATE, MODEL, _log, project, template  # noqa: E402,F401,F811 (fixtures)
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(data) -> str:
@@ -40,7 +32,7 @@ def _tail(data) -> str:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` in its own process group, stopped by that group's id afterwards."""
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "server"
     data.mkdir()
     log = open(data / "server.log", "w")
@@ -53,19 +45,7 @@ def mlflow_server(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({proc.returncode}): {_tail(data)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after 120 s: {_tail(data)}")
-            time.sleep(0.5)
+        wait_http(proc, f"{url}/health", 120, lambda: _tail(data))
         yield url, data
     finally:
         # The server's group holds uvicorn's worker too; the group id is the pid we started.
