@@ -14,6 +14,7 @@ model), or when they are not the artifact the stage expects.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -319,12 +321,45 @@ def torch_device(params: PipelineParams) -> str:
     return device
 
 
-def load_model_dir(folder: Path, params: PipelineParams, dtype: str | None = None):
-    """``(model, tokenizer)`` from a materialized folder, on the configured device."""
+def load_model_dir(folder: Path, params: PipelineParams, dtype: str | None = None, placed: bool = True):
+    """``(model, tokenizer)`` from a materialized folder, on the configured device or, when
+    ``placed``, spread by ``runtime.device_map``."""
     from wanda.model_io import load_model, read_materialized
 
     record = read_materialized(folder)
-    return load_model(str(folder), dtype=dtype or record.dtype, device=torch_device(params))
+    return load_model(str(folder), dtype=dtype or record.dtype, device=torch_device(params),
+                      device_map=params.runtime.device_map if placed else None)
+
+
+def streamed(params: PipelineParams) -> bool:
+    """True when stages keep one block in memory (``runtime.load: stream``)."""
+    return params.runtime.load == "stream"
+
+
+def open_streamed_dir(folder: Path, params: PipelineParams, dtype: str | None = None):
+    """A streamed model (``wanda.block_source.StreamedBlocks``) over a materialized folder: the
+    skeleton from its config, blocks read from its shards onto ``runtime.device`` on demand."""
+    from wanda.block_source import open_streamed
+    from wanda.model_io import read_materialized
+
+    record = read_materialized(folder)
+    return open_streamed(folder, dtype=dtype or record.dtype, device=torch_device(params))
+
+
+@contextlib.contextmanager
+def offload_dir(params: PipelineParams):
+    """A scratch folder for activations offloaded to disk (under $TMPDIR), or None when not offloading.
+
+    Never inside the stage folder: everything there is an output with a digest.
+    """
+    if not params.runtime.offload_activations:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="wanda-activations-")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- entry point

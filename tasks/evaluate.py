@@ -15,7 +15,8 @@ from pathlib import Path
 from wanda.atomic import write_json
 from wanda.errors import ArtifactMismatchError
 
-from .common import StageContext, StageResult, load_model_dir, run_stage, stage_main
+from .common import (StageContext, StageResult, load_model_dir, offload_dir, open_streamed_dir, run_stage, stage_main,
+                     streamed)
 from .params import PipelineParams
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,24 @@ def _evaluate(ctx: StageContext, model_dir: Path, label: str, fingerprint: str, 
     from wanda.evaluation import evaluation_settings, run_evaluation
 
     ppl, zeroshot, note = _configs(ctx)
-    model, tokenizer = load_model_dir(model_dir, ctx.params)
+    if streamed(ctx.params):
+        from wanda.errors import ConfigError
+        from wanda.model_io import load_tokenizer, resolve_source
+
+        if zeroshot is not None:
+            raise ConfigError("runtime.load", "zero-shot evaluation (lm-eval) needs the fully loaded model",
+                              "'full' when evaluate.zeroshot is set")
+        blocks = open_streamed_dir(model_dir, ctx.params)
+        model, tokenizer = blocks.model, load_tokenizer(resolve_source(str(model_dir)))
+    else:
+        (model, tokenizer), blocks = load_model_dir(model_dir, ctx.params), None
+    # Streaming changes where weights live, not the numbers (equal within float rounding), so it
+    # is not an evaluation setting: dense and pruned results stay comparable across modes.
     settings = evaluation_settings(ppl, zeroshot, dtype=str(model.dtype).replace("torch.", ""),
                                    device=ctx.params.runtime.device)
-    result = run_evaluation(model, tokenizer, label, fingerprint, ppl, zeroshot, settings=settings,
-                            model_source=source)
+    with offload_dir(ctx.params) as scratch:
+        result = run_evaluation(model, tokenizer, label, fingerprint, ppl, zeroshot, settings=settings,
+                                model_source=source, blocks=blocks, offload_dir=scratch)
     return result, note
 
 

@@ -15,11 +15,15 @@ from functools import lru_cache
 from typing import Iterable
 
 COMMON_CODE = ("tasks/common.py", "tasks/params.py")
-_LOADING = ("wanda/model_io.py",)
-_BLOCKWISE = ("wanda/architecture.py", "wanda/blocks.py", "wanda/statistics.py", "wanda/prune.py")
+_LOADING = ("wanda/model_io.py", "wanda/placement.py")
+# How blocks are run and where they come from (loaded model or streamed shards).
+_STREAMING = ("wanda/activations.py", "wanda/block_source.py", "wanda/checkpoint.py")
+_BLOCKWISE = ("wanda/architecture.py", "wanda/blocks.py", "wanda/statistics.py", "wanda/prune.py",
+              "wanda/streaming.py") + _STREAMING
 _MASKING = ("wanda/config.py", "wanda/scores.py", "wanda/masks.py")
 _EVALUATION = ("wanda/data.py", "wanda/evaluation/perplexity.py", "wanda/evaluation/zeroshot.py",
-               "wanda/evaluation/results.py", "wanda/evaluation/report.py")
+               "wanda/evaluation/results.py", "wanda/evaluation/report.py", "wanda/architecture.py",
+               "wanda/blocks.py") + _STREAMING
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("masks", ("masks", "runtime"), ("materialize", "calibration", "statistics"),
               _LOADING + _BLOCKWISE + _MASKING + ("wanda/methods",),
               description="pruning masks (sequential mode: statistics and masks together, block by block)"),
-    StageSpec("prune", ("prune",), ("materialize", "masks"), _LOADING + ("wanda/masks.py",),
+    StageSpec("prune", ("prune", "runtime"), ("materialize", "masks"),
+              _LOADING + ("wanda/masks.py", "wanda/streaming.py", "wanda/checkpoint.py"),
               description="the pruned model: base weights with the masks applied"),
     StageSpec("dense_eval", ("evaluate", "runtime"), ("materialize",), _LOADING + _EVALUATION,
               module="tasks.evaluate", args=("--dense",),

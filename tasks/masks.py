@@ -13,6 +13,7 @@ from wanda.atomic import write_json
 from wanda.hashing import sha256_file
 
 from .common import StageContext, StageResult, load_model_dir, stage_entry
+from .common import offload_dir, open_streamed_dir, streamed
 
 NAME = "masks"
 MASKS = "masks.safetensors"
@@ -35,6 +36,52 @@ def describe(config) -> str:
     return f"{config.method} {amount} ({config.mode.replace('_', '-')})"
 
 
+def _streamed_body(ctx: StageContext, config, lineage: dict) -> tuple[dict, dict, object]:
+    """Masks with one block in memory: masks packed to disk as blocks finish, SparseGPT's updated
+    weights written block by block. Returns (report, summary extras, statistics or None)."""
+    from wanda.architecture import discover
+    from wanda.calibration import CalibrationSet
+    from wanda.prune import masks_from_statistics, prune_model
+    from wanda.statistics import ActivationStatistics
+    from wanda.streaming import BlockWeightsWriter, MaskSpool
+
+    blocks = open_streamed_dir(ctx.input("materialize").file("model"), ctx.params)
+    writer = None
+    if config.updates_weights:
+        layout = discover(blocks.model, config.targets, config.ignore)
+        writer = BlockWeightsWriter(ctx.work / WEIGHTS, blocks, layout,
+                                    {"base_model_fingerprint": lineage["base_model_fingerprint"]})
+        blocks.on_done = writer
+    stats_out = None
+    with offload_dir(ctx.params) as scratch:
+        spool = MaskSpool(scratch)
+        try:
+            if config.mode == "one_pass":
+                stats = None
+                if config.needs_statistics:
+                    stats = ActivationStatistics.load(ctx.input("statistics").file("statistics.safetensors"))
+                masks_from_statistics(blocks.model, stats, config, blocks=blocks, masks_out=spool)
+            else:
+                calib = CalibrationSet.load(ctx.input("calibration").file("tokens.safetensors"))
+                stats_out = ActivationStatistics()
+                prune_model(blocks.model, calib.tokens if config.needs_statistics else None, config,
+                            statistics_out=stats_out, blocks=blocks, masks_out=spool, offload_dir=scratch)
+            if writer is not None:
+                writer.close()
+            spool.save(ctx.work / MASKS, metadata=_metadata(config, lineage))
+            return spool.report(), len(spool), stats_out
+        finally:
+            spool.close()
+
+
+def _metadata(config, lineage: dict) -> dict:
+    return {
+        "base_model_fingerprint": lineage["base_model_fingerprint"],
+        "calibration_token_digest": lineage.get("calibration_token_digest", ""),
+        "recipe": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+    }
+
+
 def _body(ctx: StageContext) -> StageResult:
     from wanda.calibration import CalibrationSet
     from wanda.masks import save_masks, sparsity_report
@@ -42,8 +89,11 @@ def _body(ctx: StageContext) -> StageResult:
     from wanda.statistics import ActivationStatistics
 
     config = prune_config(ctx)
-    model, _ = load_model_dir(ctx.input("materialize").file("model"), ctx.params)
     lineage = ctx.lineage()
+    if streamed(ctx.params):
+        report, layers, stats_out = _streamed_body(ctx, config, lineage)
+        return _result(ctx, config, report, layers, stats_out, lineage)
+    model, _ = load_model_dir(ctx.input("materialize").file("model"), ctx.params)
     stats_out = None
     if config.mode == "one_pass":
         stats = None
@@ -55,20 +105,24 @@ def _body(ctx: StageContext) -> StageResult:
         stats_out = ActivationStatistics()
         masks = prune_model(model, calib.tokens if config.needs_statistics else None, config,
                             statistics_out=stats_out)
-    metadata = {
-        "base_model_fingerprint": lineage["base_model_fingerprint"],
-        "calibration_token_digest": lineage.get("calibration_token_digest", ""),
-        "recipe": json.dumps(config.model_dump(mode="json"), sort_keys=True),
-    }
-    save_masks(ctx.work / MASKS, masks, metadata=metadata)
-    report = sparsity_report(masks)
+    save_masks(ctx.work / MASKS, masks, metadata=_metadata(config, lineage))
+    if config.updates_weights:
+        from safetensors.torch import save_file
+
+        modules = dict(model.named_modules())
+        weights = {f"{name}.weight": modules[name].weight.detach().to("cpu").contiguous() for name in masks}
+        save_file(weights, str(ctx.work / WEIGHTS), metadata={"base_model_fingerprint": lineage["base_model_fingerprint"]})
+    return _result(ctx, config, sparsity_report(masks), len(masks), stats_out, lineage)
+
+
+def _result(ctx: StageContext, config, report: dict, layers: int, stats_out, lineage: dict) -> StageResult:
     write_json(ctx.work / "sparsity.json", report)
     summary = {
         "recipe": config.model_dump(mode="json"),
         "label": describe(config),
         "mode": config.mode,
         "overall_sparsity": report["overall"],
-        "layers": len(masks),
+        "layers": layers,
         "updates_weights": bool(getattr(config, "updates_weights", False)),
     }
     lineage_out = {"masks_digest": sha256_file(ctx.work / MASKS)}
@@ -76,11 +130,6 @@ def _body(ctx: StageContext) -> StageResult:
         stats_out.save(ctx.work / STATS, metadata={"base_model_fingerprint": lineage["base_model_fingerprint"]})
         summary["sequential_statistics"] = STATS
     if summary["updates_weights"]:
-        from safetensors.torch import save_file
-
-        modules = dict(model.named_modules())
-        weights = {f"{name}.weight": modules[name].weight.detach().to("cpu").contiguous() for name in masks}
-        save_file(weights, str(ctx.work / WEIGHTS), metadata={"base_model_fingerprint": lineage["base_model_fingerprint"]})
         lineage_out["updated_weights_digest"] = sha256_file(ctx.work / WEIGHTS)
     return StageResult(summary=summary, lineage=lineage_out)
 

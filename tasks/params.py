@@ -62,10 +62,24 @@ class ModelSection(Section):
 
 
 class RuntimeSection(Section):
-    """Where compute runs. Part of the cache key of every stage that runs the model: CPU and GPU
-    kernels round differently, so their masks and perplexities are different artifacts."""
+    """Where compute runs, and how much of the model is in memory at once. Part of the cache key
+    of every stage that runs the model: CPU and GPU kernels round differently, so their masks
+    and perplexities are different artifacts.
+
+    ``load``: ``full`` loads the whole model; ``stream`` keeps only one decoder block in memory
+    (read from the memory-mapped safetensors shards) for statistics, masks, the pruned model and
+    perplexity, with the same results (models larger than memory; zero-shot evaluation needs
+    ``full``). ``offload_activations`` keeps the calibration/evaluation activations between
+    blocks in files instead of memory (streaming only). ``device`` is where blocks run (in
+    streaming, each block is placed there); ``device_map`` is an accelerate device map ("auto",
+    "balanced", "sequential", a device, or ``{module: device}``) that spreads a fully loaded
+    model over several GPUs for the block walk and evaluation.
+    """
 
     device: str = "cpu"
+    load: Literal["full", "stream"] = "full"
+    offload_activations: bool = False
+    device_map: str | dict[str, int | str] | None = None
 
     @field_validator("device")
     @classmethod
@@ -73,6 +87,25 @@ class RuntimeSection(Section):
         if value != "cpu" and not value.startswith("cuda"):
             raise ValueError(f"device {value!r} is not supported (allowed: cpu, cuda, cuda:N)")
         return value
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value):
+        from wanda.placement import STRATEGIES
+
+        if isinstance(value, str) and value not in STRATEGIES and value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device_map {value!r} is not supported (allowed: {', '.join(STRATEGIES)}, cpu, "
+                             "cuda:N, or a mapping module -> device)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RuntimeSection":
+        if self.offload_activations and self.load != "stream":
+            raise ValueError("offload_activations needs load 'stream' (allowed with load 'full': false)")
+        if self.device_map is not None and self.load == "stream":
+            raise ValueError("device_map places a fully loaded model; with load 'stream' each block goes to "
+                             "runtime.device (allowed with stream: device_map null)")
+        return self
 
 
 def _resolve_source(source: TextSource, fallback: TextSource | None, field: str) -> tuple[TextSource, str | None]:
@@ -235,6 +268,9 @@ class PipelineParams(Section):
         # The library decides which combinations are valid (e.g. SparseGPT needs sequential
         # mode, N:M fixes the sparsity); checked here so it fails before any stage runs.
         self.prune_config()
+        if self.runtime.load == "stream" and self.evaluate.zeroshot is not None:
+            raise ValueError("runtime.load 'stream': zero-shot evaluation (lm-eval) needs the fully loaded model "
+                             "(allowed with evaluate.zeroshot set: runtime.load 'full')")
         return self
 
     def prune_config(self) -> PruneConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from wanda.errors import ArtifactMismatchError
 
 from .common import StageContext, StageResult, load_model_dir, stage_entry
+from .common import streamed
 
 NAME = "prune"
 
@@ -20,13 +21,20 @@ def _body(ctx: StageContext) -> StageResult:
 
     base, masks_artifact = ctx.input("materialize"), ctx.input("masks")
     fingerprint = base.lineage["base_model_fingerprint"]
+    if streamed(ctx.params):
+        from safetensors import safe_open
+
+        # Only the metadata here: the masks are read one layer at a time while writing.
+        with safe_open(str(masks_artifact.file("masks.safetensors")), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return _streamed_body(ctx, base, masks_artifact, fingerprint, metadata)
     masks, metadata = load_masks(masks_artifact.file("masks.safetensors"))
     # The manifests already agree (common.check_lineage); the file's own record must agree too.
     recorded = metadata.get("base_model_fingerprint")
     if recorded and recorded != fingerprint:
         raise ArtifactMismatchError(
             f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
-    model, tokenizer = load_model_dir(base.file("model"), ctx.params)
+    model, tokenizer = load_model_dir(base.file("model"), ctx.params, placed=False)
     model.to("cpu")
     if masks_artifact.summary.get("updates_weights"):
         from safetensors.torch import load_file
@@ -57,6 +65,42 @@ def _body(ctx: StageContext) -> StageResult:
         "zero_fraction": round(zeros / total, 6) if total else 0.0,
     }
     return StageResult(summary=summary, lineage={"pruned_model_fingerprint": record.fingerprint})
+
+
+def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str, metadata: dict) -> StageResult:
+    """The same pruned model, tensor by tensor: base shards copied, masked tensors rewritten in place."""
+    import json
+
+    from wanda.atomic import write_json
+    from wanda.model_io import fingerprint as weights_fingerprint
+    from wanda.streaming import apply_masks_to_checkpoint, convert_shards
+
+    recorded = metadata.get("base_model_fingerprint")
+    if recorded and recorded != fingerprint:
+        raise ArtifactMismatchError(
+            f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
+    out = ctx.work / "model"
+    weights = masks_artifact.file("weights.safetensors") if masks_artifact.summary.get("updates_weights") else None
+    counts = apply_masks_to_checkpoint(base.file("model"), out, masks_artifact.file("masks.safetensors"), weights)
+    base_record = json.loads((base.file("model") / "wanda_model.json").read_text())
+    dtype = ctx.params.prune.dtype or base_record["dtype"]
+    if dtype != base_record["dtype"]:
+        from wanda.model_io import DTYPES
+
+        convert_shards(out, DTYPES[dtype])
+    info = {"fingerprint": weights_fingerprint(out), "model_type": base_record["model_type"], "dtype": dtype,
+            "source": base.summary.get("source", ""), "base_model_fingerprint": fingerprint,
+            "masks_digest": masks_artifact.lineage.get("masks_digest", ""), "pruned": True}
+    write_json(out / "wanda_model.json", info)
+    summary = {
+        "fingerprint": info["fingerprint"],
+        "dtype": dtype,
+        "recipe": masks_artifact.summary.get("recipe"),
+        "label": masks_artifact.summary.get("label"),
+        "mask_sparsity": masks_artifact.summary.get("overall_sparsity"),
+        "zero_fraction": round(counts["zeros"] / counts["total"], 6) if counts["total"] else 0.0,
+    }
+    return StageResult(summary=summary, lineage={"pruned_model_fingerprint": info["fingerprint"]})
 
 
 run, main = stage_entry(NAME, _body)

@@ -14,6 +14,7 @@ from wanda.atomic import write_json
 from wanda.hashing import sha256_file
 
 from .common import StageContext, StageResult, load_model_dir, stage_entry
+from .common import offload_dir, open_streamed_dir, streamed
 
 NAME = "statistics"
 STATS = "statistics.safetensors"
@@ -34,9 +35,15 @@ def _body(ctx: StageContext) -> StageResult:
     from wanda.prune import collect_statistics
 
     calib = CalibrationSet.load(ctx.input("calibration").file("tokens.safetensors"))
-    model, _ = load_model_dir(ctx.input("materialize").file("model"), ctx.params)
-    stats = collect_statistics(model, calib.tokens, batch_size=section.batch_size, targets=section.targets,
-                               ignore=section.ignore)
+    model_dir = ctx.input("materialize").file("model")
+    if streamed(ctx.params):
+        blocks = open_streamed_dir(model_dir, ctx.params)
+        model = blocks.model
+    else:
+        (model, _), blocks = load_model_dir(model_dir, ctx.params), None
+    with offload_dir(ctx.params) as scratch:
+        stats = collect_statistics(model, calib.tokens, batch_size=section.batch_size, targets=section.targets,
+                                   ignore=section.ignore, blocks=blocks, offload_dir=scratch)
     lineage = ctx.lineage()
     stats.save(ctx.work / STATS, metadata={"base_model_fingerprint": lineage["base_model_fingerprint"],
                                            "calibration_token_digest": calib.digest})

@@ -5,6 +5,7 @@ The library knows nothing of orchestration; use it from a notebook as well as fr
 import logging
 
 from .architecture import BlockLayout, discover
+from .block_source import open_streamed
 from .calibration import CalibrationConfig, CalibrationSet, sample_calibration
 from .config import PruneConfig
 from .data import TextSource
@@ -12,15 +13,16 @@ from .errors import (ArtifactMismatchError, CalibrationError, ConfigError, Evalu
                      UnsupportedArchitectureError, WandaError)
 from .masks import apply_masks, load_masks, save_masks, sparsity_report
 from .model_io import EMBEDDED_DEFAULT, fingerprint, load_model, materialize
-from .prune import collect_statistics, compute_masks, prune_model
+from .prune import collect_statistics, compute_masks, masks_from_statistics, prune_model
 from .statistics import ActivationStatistics
+from .streaming import apply_masks_to_checkpoint, prune_checkpoint
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ActivationStatistics", "ArtifactMismatchError", "BlockLayout", "CalibrationConfig", "CalibrationError",
     "CalibrationSet", "ConfigError", "EMBEDDED_DEFAULT", "EvaluationError", "PruneConfig", "TextSource",
-    "UnsupportedArchitectureError", "WandaError", "apply_masks", "collect_statistics", "compute_masks",
-    "discover", "fingerprint", "load_masks", "load_model", "materialize", "prune_model", "sample_calibration",
-    "save_masks", "sparsity_report",
+    "UnsupportedArchitectureError", "WandaError", "apply_masks", "apply_masks_to_checkpoint", "collect_statistics",
+    "compute_masks", "discover", "fingerprint", "load_masks", "load_model", "masks_from_statistics", "materialize",
+    "open_streamed", "prune_checkpoint", "prune_model", "sample_calibration", "save_masks", "sparsity_report",
 ]

@@ -89,18 +89,28 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.location, **kwargs)
 
 
-def load_model(source: str | ModelSource, dtype: str = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` in eval mode. GGUF weights are dequantized to ``dtype``."""
+def load_model(source: str | ModelSource, dtype: str = "float32", device: str = "cpu", device_map=None):
+    """Load ``(model, tokenizer)`` in eval mode. GGUF weights are dequantized to ``dtype``.
+
+    ``device_map`` (an accelerate device map or strategy such as "auto") spreads the model over
+    the available devices instead of putting it on ``device``.
+    """
     from transformers import AutoModelForCausalLM
+
+    from .placement import check_device_map
 
     if isinstance(source, str):
         source = resolve_source(source)
     if dtype not in DTYPES:
         raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(DTYPES))
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if device_map is not None:
+        kwargs["device_map"] = check_device_map(device_map)
     log.info("loading model %s as %s", source.describe(), dtype)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return model, load_tokenizer(source)
 
 

@@ -10,6 +10,10 @@ Every method of ``PruneConfig`` runs through the same block walk:
   one-pass mode the ratios come from the one-pass statistics; in sequential mode (as in the OWL
   reference) from a dense one-pass walk first, which costs one extra forward of the blocks over
   the calibration set. Magnitude scores need no walk at all.
+
+The walk takes its blocks from a block source (``wanda.block_source``): the fully loaded model,
+or a skeleton whose blocks are materialized from the safetensors shards one at a time
+(``wanda.streaming``). Both run the same code below, so their masks and weights are identical.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import torch
 from torch import nn
 
 from .architecture import BlockLayout, discover, find_blocks, model_type
-from .blocks import capture_block_calls, capture_block_inputs, run_block_over
+from .block_source import ResidentBlocks
+from .blocks import block_inputs, run_block_over
 from .config import PruneConfig
 from .errors import ArtifactMismatchError, ConfigError
 from .masks import MaskDict, apply_masks, mask_from_scores
@@ -207,17 +212,23 @@ def collect_statistics(
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
     progress: Progress | None = None,
+    *,
+    blocks=None,
+    offload_dir: str | None = None,
 ) -> ActivationStatistics:
     """One-pass statistics: every target layer's input statistics from the dense model, block by block.
 
     Costs one forward of the blocks over the calibration set (no ``lm_head``); memory holds one
     block's activations for the calibration set. Serves every method in
     ``config.ONE_PASS_METHODS`` with any allocation, variant, permutation and refinement.
+    ``blocks`` is the block source (default: the model as loaded); ``offload_dir`` keeps the
+    activations between blocks in files there instead of memory.
     """
     layout = discover(model, targets, ignore)
     validate_calibration_tokens(model, calib_ids)
     stats = ActivationStatistics(metadata={"mode": "one_pass", "model_type": model_type(model)})
-    _walk_blocks(model, layout, calib_ids, batch_size, stats, prune=None, progress=progress)
+    _walk_blocks(model, layout, calib_ids, batch_size, stats, prune=None, progress=progress,
+                 source=blocks, offload_dir=offload_dir)
     return stats
 
 
@@ -258,6 +269,25 @@ def compute_masks(
     return masks
 
 
+def masks_from_statistics(model: nn.Module, statistics: ActivationStatistics | None, config: PruneConfig, *,
+                          blocks=None, masks_out=None):
+    """``compute_masks`` block by block through a block source (a streamed model needs one block
+    in memory); the source's blocks get the masks applied. Returns ``masks_out`` (default a new
+    ``MaskDict``)."""
+    config = PruneConfig.model_validate(config)
+    if not config.supports_one_pass:
+        raise ConfigError("method", f"{config.method!r} needs per-layer Hessians and updates weights; run it with "
+                                    "prune_model in mode 'sequential'", ", ".join(("wanda", "magnitude", "ria")))
+    if config.needs_statistics and statistics is None:
+        raise ConfigError("statistics", f"method {config.method!r} needs activation statistics")
+    layout = discover(model, config.targets, config.ignore)
+    validate_layout(model, layout, config)
+    masks = masks_out if masks_out is not None else MaskDict()
+    _prune_by_block(model, layout, blocks if blocks is not None else ResidentBlocks(model), statistics, config,
+                    masks, None)
+    return masks
+
+
 def _describe(masks: MaskDict, owl_record: dict | None, extra: dict | None = None) -> None:
     """Facts the recipe alone does not give (nothing for a plain uniform recipe, so its artifact is unchanged)."""
     if owl_record is not None:
@@ -277,6 +307,10 @@ def prune_model(
     config: PruneConfig,
     statistics_out: ActivationStatistics | None = None,
     progress: Progress | None = None,
+    *,
+    blocks=None,
+    masks_out=None,
+    offload_dir: str | None = None,
 ) -> MaskDict:
     """Prune ``model`` in place and return the masks keyed by module name (True = pruned).
 
@@ -285,23 +319,29 @@ def prune_model(
     the pruned block's outputs for the next). ``one_pass`` takes all statistics from the dense
     model and prunes afterwards. Pass ``statistics_out`` to keep the (channel) statistics.
     SparseGPT also updates the kept weights, so its result is the model, not base weights + masks.
+
+    ``blocks`` is the block source (default: ``model`` as loaded; a ``StreamedBlocks`` prunes a
+    skeleton block by block from its shards); ``masks_out`` receives the masks block by block
+    (default: a new ``MaskDict``; a ``wanda.streaming.MaskSpool`` keeps them on disk) and is
+    returned; ``offload_dir`` keeps the activations between blocks on disk.
     """
     config = PruneConfig.model_validate(config)
     layout = discover(model, config.targets, config.ignore)
     validate_layout(model, layout, config)
+    source = blocks if blocks is not None else ResidentBlocks(model)
+    masks = masks_out if masks_out is not None else MaskDict()
     started = time.perf_counter()
     if not config.needs_statistics:
-        masks = compute_masks(model, None, config)
-        apply_masks(model, masks)
+        _prune_by_block(model, layout, source, None, config, masks, progress)
         log.info("%s pruning of %d layers in %.1fs", config.method, len(masks), time.perf_counter() - started)
         return masks
     validate_calibration_tokens(model, calib_ids)
     stats = statistics_out if statistics_out is not None else ActivationStatistics()
     stats.metadata.update({"mode": config.mode, "model_type": model_type(model)})
     if config.mode == "one_pass":
-        _walk_blocks(model, layout, calib_ids, config.batch_size, stats, prune=None, progress=progress)
-        masks = compute_masks(model, stats, config)
-        apply_masks(model, masks)
+        _walk_blocks(model, layout, calib_ids, config.batch_size, stats, prune=None, progress=progress,
+                     source=source, offload_dir=offload_dir)
+        _prune_by_block(model, layout, source, stats, config, masks, None)
     else:
         sparsities, record = None, None
         if config.allocation == "owl":
@@ -309,18 +349,44 @@ def prune_model(
             if config.owl_prepass:
                 log.info("OWL: dense one-pass walk for the outlier ratios")
                 dense = ActivationStatistics()
-                _walk_blocks(model, layout, calib_ids, config.batch_size, dense, prune=None, progress=None)
-            named = dict(model.named_modules())
-            sparsities, record = owl_sparsities({n: named[n] for n in layout.all_targets()}, dense, config, layout)
+                _walk_blocks(model, layout, calib_ids, config.batch_size, dense, prune=None, progress=None,
+                             source=source, offload_dir=offload_dir, write=False)
+            sparsities, record = owl_sparsities(source.weights(layout.all_targets()), dense, config, layout)
             stats.metadata["owl"] = json.dumps(record)
-        masks = MaskDict()
         pruner = _SequentialPruner(model, config, masks, sparsities)
         _walk_blocks(model, layout, calib_ids, config.batch_size, stats, prune=pruner, progress=progress,
-                     hessians=config.method == "sparsegpt", offload=config.sparsegpt_offload)
+                     hessians=config.method == "sparsegpt", offload=config.sparsegpt_offload,
+                     source=source, offload_dir=offload_dir)
         _describe(masks, record, pruner.extra())
     log.info("%s %s pruning (%s, %s) of %d layers in %.1fs", config.method, config.mode, config.pattern,
              config.sparsity, len(masks), time.perf_counter() - started)
     return masks
+
+
+def _prune_by_block(model, layout: BlockLayout, source, stats: ActivationStatistics | None, config: PruneConfig,
+                    masks, progress: Progress | None) -> None:
+    """Masks from the weights and finished statistics (one-pass or none), applied block by block.
+
+    Per layer the same computation as ``compute_masks`` + ``apply_masks``; done block by block so
+    a streamed model needs only one block in memory.
+    """
+    if config.needs_statistics:
+        missing = [name for name in layout.all_targets() if name not in stats]
+        if missing:
+            raise ArtifactMismatchError(f"statistics lack {len(missing)} target layers, first: {missing[0]!r}")
+    sparsities, record = None, None
+    if config.allocation == "owl":
+        sparsities, record = owl_sparsities(source.weights(layout.all_targets()), stats, config, layout)
+    for index in range(layout.num_blocks):
+        with source.block(index):
+            for name, module in _targets(model, layout, index).items():  # one layer's mask in memory
+                layer_masks = _layer_masks({name: module}, stats, config, sparsities)
+                apply_masks(model, layer_masks)
+                masks.update(layer_masks)
+                masks.permutations.update(layer_masks.permutations)
+        if progress is not None:
+            progress(index + 1, layout.num_blocks)
+    _describe(masks, record)
 
 
 class _SequentialPruner:
@@ -353,11 +419,17 @@ class _SequentialPruner:
                     self.fallbacks[name] = report["fallback"]
                 if report["dead_channels"]:
                     self.dead_channels[name] = report["dead_channels"]
+            self._keep(block_masks)
         else:
-            block_masks = _layer_masks(modules, stats, config, self.sparsities)
-        apply_masks(self.model, block_masks)
-        self.masks.update(block_masks)
-        self.masks.permutations.update(block_masks.permutations)
+            # Layer by layer: a layer's mask depends only on its own weights and statistics, and
+            # handing each mask on at once keeps one layer's mask in memory, not the block's.
+            for name, module in modules.items():
+                self._keep(_layer_masks({name: module}, stats, config, self.sparsities))
+
+    def _keep(self, masks: MaskDict) -> None:
+        apply_masks(self.model, masks)
+        self.masks.update(masks)
+        self.masks.permutations.update(masks.permutations)
 
     def extra(self) -> dict:
         extra = {}
@@ -369,32 +441,47 @@ class _SequentialPruner:
 
 
 def _walk_blocks(model, layout, calib_ids, batch_size, stats, prune=None, progress=None, hessians=False,
-                 offload=False) -> None:
+                 offload=False, source=None, offload_dir=None, write=True) -> None:
     """Run the calibration set through the blocks one at a time, collecting statistics.
 
     With ``prune`` (a callable ``(index, modules, stats, hessians)`` that prunes the block in place)
     each block is pruned right after its statistics
     are taken and re-run so the next block sees the pruned outputs (sequential mode). With
-    ``hessians`` a ``HessianCollector`` runs beside the channel statistics.
+    ``hessians`` a ``HessianCollector`` runs beside the channel statistics. ``source`` gives the
+    blocks (default: the loaded model); ``write=False`` keeps a streamed source's block writer
+    from seeing this walk's blocks (a dense pre-pass changes nothing).
     """
-    _, blocks = find_blocks(model)
-    calls = capture_block_calls(model, blocks, calib_ids[:1])
-    hidden = capture_block_inputs(model, blocks, calib_ids, batch_size)
-    for index, block in enumerate(blocks):
-        modules = _targets(model, layout, index)
-        collector = HessianCollector(modules, offload=offload) if hessians else None
-        with StatisticsCollector(modules, stats):
-            if collector is not None:
-                with collector:
-                    outputs = run_block_over(block, hidden, calls[index])
-            else:
-                outputs = run_block_over(block, hidden, calls[index])
-        if prune is not None:
-            prune(index, modules, stats, collector)
-            outputs = run_block_over(block, hidden, calls[index])
-        del collector
-        hidden = outputs
-        log.info("block %d/%d done (%d layers)", index + 1, len(blocks), len(modules))
-        if progress is not None:
-            progress(index + 1, len(blocks))
+    source = source if source is not None else ResidentBlocks(model)
+    on_done = getattr(source, "on_done", None)
+    if not write and on_done is not None:
+        source.on_done = None
+    try:
+        hidden, calls = block_inputs(model, source, calib_ids, batch_size, offload_dir)
+        device = source.run_device
+        for index in range(layout.num_blocks):
+            with source.block(index) as block:
+                modules = _targets(model, layout, index)
+                collector = HessianCollector(modules, offload=offload) if hessians else None
+                outputs = hidden.sibling()
+                with StatisticsCollector(modules, stats):
+                    if collector is not None:
+                        with collector:
+                            run_block_over(block, hidden, calls[index], out=outputs, device=device)
+                    else:
+                        run_block_over(block, hidden, calls[index], out=outputs, device=device)
+                if prune is not None:
+                    prune(index, modules, stats, collector)
+                    outputs.close()
+                    outputs = hidden.sibling()
+                    run_block_over(block, hidden, calls[index], out=outputs, device=device)
+                del collector
+            hidden.close()
+            hidden = outputs
+            log.info("block %d of %d done (%d layers)", index + 1, layout.num_blocks, len(modules))
+            if progress is not None:
+                progress(index + 1, layout.num_blocks)
+        hidden.close()
+    finally:
+        if not write and on_done is not None:
+            source.on_done = on_done
 

@@ -22,7 +22,8 @@ def wanda_score(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     """|W_ij| * sqrt(sum_sq_j / count): the reference's scaling (a per-layer constant times ||X_j||_2)."""
     _check_channels(weight, stats)
     scale = stats.mean_square().to(weight.device).sqrt()
-    return weight.detach().abs().float() * scale.reshape(1, -1)
+    # In place on the fresh |W| tensor: the same product without a second layer-sized temporary.
+    return weight.detach().abs().float().mul_(scale.reshape(1, -1))
 
 
 def ria_score(weight: torch.Tensor, stats: ChannelStats, alpha: float = 0.5) -> torch.Tensor:

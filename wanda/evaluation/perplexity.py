@@ -98,7 +98,11 @@ def eval_mode(model) -> Iterator[None]:
 
 def _batch_nll(model, batch: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLL per window of ``batch`` (float64, on CPU)."""
-    logits = model(batch, use_cache=False).logits
+    return _logits_nll(model(batch, use_cache=False).logits, batch)
+
+
+def _logits_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    batch = batch.to(logits.device)
     sums = torch.empty(batch.shape[0], dtype=torch.float64)
     # Row by row: the upcast and log-softmax then cost one window of vocabulary-wide activations,
     # not a whole batch of them, on top of the logits the forward produced. Half-precision
@@ -111,8 +115,49 @@ def _batch_nll(model, batch: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` on ``config.source``; raises EvaluationError on a non-finite loss."""
+def _loaded_sums(model, windows: torch.Tensor, batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    from ..blocks import _device_of
+
+    device = _device_of(model)
+    for start in range(0, windows.shape[0], batch_size):
+        stop = min(start + batch_size, windows.shape[0])
+        yield start, stop, _batch_nll(model, windows[start:stop].to(device))
+
+
+def _streamed_sums(source, windows: torch.Tensor, batch_size: int,
+                   offload_dir: str | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The loaded model's numbers, one block in memory: every window's hidden states go through
+    block k before block k+1 is loaded; then the layers after the blocks, a batch at a time."""
+    from ..blocks import block_inputs, run_block_over, run_tail
+
+    model, count = source.model, len(source.blocks)
+    hidden, calls = block_inputs(model, source, windows, batch_size, offload_dir, keep_outside=True)
+    try:
+        for index in range(count):
+            with source.block(index) as block:
+                outputs = hidden.sibling()
+                run_block_over(block, hidden, calls[index], out=outputs, device=source.run_device)
+            hidden.close()
+            hidden = outputs
+            log.info("perplexity: block %d of %d done", index + 1, count)
+        for number, final in enumerate(hidden):
+            start = number * batch_size
+            stop = min(start + batch_size, windows.shape[0])
+            logits = run_tail(model, source.blocks, final.to(source.device), windows[start:stop], calls[-1])
+            yield start, stop, _logits_nll(logits, windows[start:stop])
+    finally:
+        hidden.close()
+        source.release_outside()
+
+
+def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None, *, blocks=None,
+                        offload_dir: str | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on ``config.source``; raises EvaluationError on a non-finite loss.
+
+    ``blocks``: a ``wanda.block_source.StreamedBlocks`` whose skeleton is ``model`` evaluates
+    block by block from the shards (one block in memory; ``offload_dir`` keeps the windows'
+    hidden states on disk); the result equals the loaded model's within float rounding.
+    """
     config = config or PerplexityConfig()
     started = time.perf_counter()
     check_seqlen(model, config.seqlen)
@@ -132,14 +177,15 @@ def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None
         log.warning("max_windows=%d but the text holds only %d windows of %d tokens; using %d",
                     config.max_windows, available, config.seqlen, available)
 
-    device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64)
     forward_s = 0.0
     with torch.inference_mode(), eval_mode(model):
-        for start in range(0, count, config.batch_size):
-            stop = min(start + config.batch_size, count)
-            tick = time.perf_counter()
-            sums = _batch_nll(model, windows[start:stop].to(device))
+        if blocks is not None and getattr(blocks, "streamed", False):
+            sums_of = _streamed_sums(blocks, windows, config.batch_size, offload_dir)
+        else:
+            sums_of = _loaded_sums(model, windows, config.batch_size)
+        tick = time.perf_counter()
+        for start, stop, sums in sums_of:
             forward_s += time.perf_counter() - tick
             if not torch.isfinite(sums).all():
                 bad = [start + i for i in range(stop - start) if not math.isfinite(float(sums[i]))]
@@ -149,6 +195,7 @@ def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None
                 )
             total += sums.sum()
             log.info("perplexity: windows %d/%d", stop, count)
+            tick = time.perf_counter()
 
     predicted = count * (config.seqlen - 1)
     nll = float(total) / predicted

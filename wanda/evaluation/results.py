@@ -144,14 +144,27 @@ def run_evaluation(
     zeroshot: ZeroShotConfig | None,
     settings: dict[str, Any] | None = None,
     model_source: str | None = None,
+    *,
+    blocks=None,
+    offload_dir: str | None = None,
 ) -> EvaluationResult:
-    """Perplexity and/or zero-shot accuracy of one in-memory model, as one sealed record."""
+    """Perplexity and/or zero-shot accuracy of one in-memory model, as one sealed record.
+
+    With ``blocks`` (a streamed source whose skeleton is ``model``) perplexity runs block by block
+    from the shards; zero-shot accuracy needs the loaded model and is refused then.
+    """
+    if zeroshot is not None and getattr(blocks, "streamed", False):
+        from ..errors import ConfigError
+
+        raise ConfigError("runtime.load", "zero-shot evaluation (lm-eval) needs the fully loaded model",
+                          "'full' when evaluate.zeroshot is set")
     if settings is None:
         settings = evaluation_settings(perplexity, zeroshot)
     elif zeroshot is not None:
         check_task_data(zeroshot)  # missing task data fails here, before the perplexity pass
     started = time.perf_counter()
-    ppl = evaluate_perplexity(model, tokenizer, perplexity) if perplexity is not None else None
+    ppl = (evaluate_perplexity(model, tokenizer, perplexity, blocks=blocks, offload_dir=offload_dir)
+           if perplexity is not None else None)
     zs = evaluate_zeroshot(model, tokenizer, zeroshot) if zeroshot is not None else None
     return make_result(label, model_fingerprint, settings, ppl, zs, time.perf_counter() - started, model_source)
 

@@ -1,0 +1,335 @@
+"""Where a block walk gets its decoder blocks from: a fully loaded model, or safetensors shards.
+
+The block walk (``wanda.prune``) and the streamed perplexity ask a source for block ``k`` right
+before they run it and hand it back right after:
+
+- ``ResidentBlocks``: the model is in memory; every request returns the block as it is.
+- ``StreamedBlocks``: the model is a skeleton on the ``meta`` device (built from its config, no
+  weights); a request copies the block's tensors out of the memory-mapped shards (onto the
+  block device), and handing it back first lets a writer see the pruned block, then puts its
+  parameters back on ``meta``. The layers outside the blocks (embeddings, final norm,
+  ``lm_head``) are loaded only while a caller needs them.
+
+Both give the walk the same modules under the same names, so masks, statistics and pruned
+weights are the same bit for bit whichever source ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .architecture import find_blocks
+from .checkpoint import Checkpoint
+from .errors import ArtifactMismatchError, ConfigError, UnsupportedArchitectureError
+from .placement import check_device
+
+log = logging.getLogger(__name__)
+
+BlockDone = Callable[[int, nn.Module], None]
+
+
+class ResidentBlocks:
+    """Blocks of a model that is already in memory (the default source)."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        _, self.blocks = find_blocks(model)
+        self.run_device: torch.device | None = None  # blocks run where they are
+
+    def load(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def release(self, index: int) -> None:
+        pass
+
+    def load_outside(self) -> None:
+        pass
+
+    def release_outside(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        yield self.blocks[index]
+
+    def weights(self, names: list[str]) -> Mapping[str, nn.Module]:
+        modules = dict(self.model.named_modules())
+        return {name: modules[name] for name in names}
+
+
+class _LazyWeight:
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+class LazyWeights(Mapping):
+    """``name -> object with .weight`` read from the shards on access (one tensor at a time)."""
+
+    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype):
+        self.checkpoint, self.names, self.dtype = checkpoint, list(names), dtype
+
+    def __getitem__(self, name: str) -> _LazyWeight:
+        if name not in self.names:
+            raise KeyError(name)
+        key = f"{name}.weight"
+        return _LazyWeight(self.checkpoint.read([key], self.dtype)[key])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to do
+        return None
+
+
+_LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations(threshold: int = 1 << 22) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own mapping (glibc).
+
+    glibc raises its mmap threshold each time a mapped chunk is freed (up to 32 MiB), after
+    which layer-sized temporaries (scores, mask chunks, sort indices) come from the heap and stay
+    there once freed: a walk over many large blocks then ratchets the resident set up block after
+    block. A fixed threshold gives each such tensor back to the system when it is freed.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def return_freed_memory() -> None:
+    """Hand the freed block back to the operating system.
+
+    glibc serves tensors below its (adaptive, up to 32 MiB) mmap threshold from its heap and
+    keeps what is freed there for reuse; with the small Python objects a block's parameters
+    leave between them, that heap only grows (measured: +12 MiB per block of SmolLM2, the
+    whole model after one walk). ``malloc_trim`` releases the free pages; it costs milliseconds.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _to_meta(module: nn.Module) -> None:
+    for child in module.modules():
+        for attr, param in list(child._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                child._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The model from ``config.json`` with every parameter on ``meta`` (no memory, no init cost).
+
+    Buffers (rotary inverse frequencies and the like) are real: they are computed from the
+    config, not stored in the shards.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        # from_pretrained ties after loading; a skeleton must tie itself, or the lm_head that
+        # the shards omit would look missing.
+        model.tie_weights()
+    return model.eval()
+
+
+def _renamed_on_load(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """``model name -> shard name`` for tensors transformers renames when it loads (GPT-NeoX's
+    ``embed_out`` is the model's ``lm_head``). Conversions that merge or split tensors cannot be
+    read one tensor at a time; a model whose shards need one is refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # pragma: no cover - older transformers load by plain names
+        return {}
+    aliases: dict[str, str] = {}
+    for transform in get_model_conversion_mapping(model):
+        patterns = [re.compile(p) for p in transform.source_patterns]
+        hits = [key for key in checkpoint.tensors if any(p.search(key) for p in patterns)]
+        if not hits:
+            continue
+        if not isinstance(transform, WeightRenaming) or len(transform.target_patterns) != 1:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}: transformers converts {hits[0]!r} (and {len(hits) - 1} more) when loading "
+                "these shards (merged or split tensors), which a block-by-block read cannot do; use runtime.load 'full'")
+        for key in hits:
+            renamed = key
+            for pattern in patterns:
+                renamed = pattern.sub(transform.target_patterns[0], renamed)
+            if renamed != key:
+                aliases[renamed] = key
+    return aliases
+
+
+def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    for info in checkpoint.tensors.values():
+        if info.dtype.is_floating_point:
+            return info.dtype
+    raise ArtifactMismatchError(f"{checkpoint.folder}: no floating-point tensor in the shards")
+
+
+class StreamedBlocks:
+    """Blocks materialized from the shards on request, one at a time.
+
+    ``device`` is where a requested block (and the layers outside the blocks) is placed and run;
+    activations between blocks stay on the CPU (or on disk). ``on_done`` sees each block after
+    the walk is done with it and before its memory is released (the shard writer uses it).
+    """
+
+    streamed = True
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.run_device: torch.device | None = None if self.device.type == "cpu" else self.device
+        self.path, self.blocks = find_blocks(model)
+        self.on_done: BlockDone | None = None
+        self._loaded: set[int] = set()
+        self._outside_loaded = False
+        checkpoint.aliases.update(_renamed_on_load(model, checkpoint))
+        self._check()
+        map_large_allocations()
+
+    # -- what the shards must hold ------------------------------------------------------------
+
+    def _groups(self, module: nn.Module, prefix: str) -> list[list[str]]:
+        """Parameter names (and persistent buffers the shards hold), tied parameters grouped."""
+        groups: dict[object, list[str]] = {}
+        for name, param in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        for name, _ in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=False):
+            if name in self.checkpoint:
+                groups.setdefault(("buffer", name), []).append(name)
+        return list(groups.values())
+
+    def _outside_groups(self) -> list[list[str]]:
+        inside = f"{self.path}."
+        return [[n for n in group if not n.startswith(inside)]
+                for group in self._groups(self.model, "")
+                if any(not n.startswith(inside) for n in group)]
+
+    def _check(self) -> None:
+        """Every parameter of the config's model must be in the shards with its shape, before any work."""
+        expected = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = []
+        for group in self._groups(self.model, ""):
+            present = [n for n in group if n in self.checkpoint]
+            if not present:
+                missing.append(group[0])
+                continue
+            for name in present:
+                if name in expected and tuple(expected[name].shape) != self.checkpoint.info(name).shape:
+                    raise ArtifactMismatchError(
+                        f"{self.checkpoint.folder}: {name} has shape {self.checkpoint.info(name).shape} in the shards "
+                        f"but {tuple(expected[name].shape)} in config.json's model")
+        if missing:
+            raise ArtifactMismatchError(
+                f"{self.checkpoint.folder}: the shards lack {len(missing)} tensors of the model config.json "
+                f"describes, first {missing[0]!r}")
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _load_groups(self, groups: list[list[str]]) -> None:
+        wanted = [next(n for n in group if n in self.checkpoint) for group in groups]
+        tensors = self.checkpoint.read(wanted, self.dtype, self.device)
+        for group, source in zip(groups, wanted):
+            for name in group:
+                _set_tensor(self.model, name, tensors[source])
+
+    def load(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        if index not in self._loaded:
+            self._load_groups(self._groups(block, f"{self.path}.{index}."))
+            self._loaded.add(index)
+            log.debug("block %d loaded from the shards", index)
+        return block
+
+    def release(self, index: int) -> None:
+        if index in self._loaded:
+            _to_meta(self.blocks[index])
+            self._loaded.discard(index)
+            return_freed_memory()
+
+    def load_outside(self) -> None:
+        if not self._outside_loaded:
+            self._load_groups(self._outside_groups())
+            self._outside_loaded = True
+
+    def release_outside(self) -> None:
+        if self._outside_loaded:
+            for group in self._outside_groups():
+                for name in group:
+                    module_name, _, attr = name.rpartition(".")
+                    module = self.model.get_submodule(module_name) if module_name else self.model
+                    param = module._parameters.get(attr)
+                    if param is not None and param.device.type != "meta":
+                        module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                                requires_grad=False)
+            self._outside_loaded = False
+            return_freed_memory()
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        block = self.load(index)
+        try:
+            yield block
+            if self.on_done is not None:
+                self.on_done(index, block)
+        finally:
+            self.release(index)
+
+    def weights(self, names: list[str]) -> Mapping:
+        return LazyWeights(self.checkpoint, names, self.dtype)
+
+
+def open_streamed(folder: str | Path, dtype: torch.dtype | str | None = None,
+                  device: torch.device | str = "cpu") -> StreamedBlocks:
+    """A streamed model over the safetensors folder ``folder``: skeleton + shards, checked.
+
+    ``dtype`` defaults to the shards' own floating-point dtype (no conversion, so the weights are
+    bit-identical to a fully loaded model's).
+    """
+    from .model_io import DTYPES
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(DTYPES))
+        dtype = DTYPES[dtype]
+    check_device(device, "runtime.device")
+    checkpoint = Checkpoint(folder)
+    dtype = dtype or checkpoint_dtype(checkpoint)
+    model = build_skeleton(folder, dtype)
+    return StreamedBlocks(model, checkpoint, dtype, device)

@@ -1,0 +1,293 @@
+"""Pruning models larger than memory: the block walk over safetensors shards, written back shard by shard.
+
+``prune_checkpoint`` is the whole job in one call: a skeleton of the model on ``meta``, each
+decoder block materialized from the memory-mapped shards when the walk reaches it, pruned (any
+method and mode ``wanda.prune_model`` runs), its target weights written into the output shards
+in place, and released. Memory holds one block, the calibration activations of one block
+boundary (or, with ``offload_activations``, one batch of them; the rest on disk), and one
+block's masks while they are packed to disk. The output keeps the input's sharding and index;
+shards without targets are file copies.
+
+The pipeline splits the same work over stages: statistics (``collect_statistics`` with a
+streamed source), masks (``prune_model`` or ``masks_from_statistics`` into a ``MaskSpool``,
+SparseGPT's updated weights through ``BlockWeightsWriter``) and the pruned model
+(``apply_masks_to_checkpoint``: masks applied tensor by tensor, no model at all).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .architecture import BlockLayout, discover
+from .atomic import atomic_dir, atomic_temp_path
+from .block_source import StreamedBlocks, open_streamed
+from .checkpoint import Checkpoint, SafetensorsStreamWriter, ShardPatcher
+from .config import PruneConfig
+from .errors import ArtifactMismatchError
+from .masks import PERMUTATION_PREFIX, MaskDict, mask_shapes, read_mask, save_masks
+from .prune import Progress, prune_model
+from .statistics import ActivationStatistics
+
+log = logging.getLogger(__name__)
+
+RECORD = "wanda_model.json"
+
+
+class MaskSpool:
+    """The walk's ``masks_out`` for models larger than memory: each block's masks are packed to
+    one bit per weight in a file as they arrive; ``save`` joins them into the masks artifact
+    (the format of ``wanda.masks.save_masks``), ``report`` gives ``sparsity_report``'s numbers.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        Path(folder).mkdir(parents=True, exist_ok=True) if folder is not None else None
+        self.folder = Path(tempfile.mkdtemp(prefix="masks-", dir=folder))
+        self.permutations: dict[str, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.pruned: dict[str, int] = {}
+        self._file_of: dict[str, Path] = {}
+
+    def update(self, block_masks: dict[str, torch.Tensor]) -> None:
+        if not block_masks:
+            return
+        path = self.folder / f"{len(set(self._file_of.values())):06d}.safetensors"
+        save_masks(path, block_masks, permutations={})
+        for name, mask in block_masks.items():
+            self.shapes[name] = list(mask.shape)
+            self.pruned[name] = int(mask.sum())
+            self._file_of[name] = path
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._file_of[name]), "pt") as handle:
+            return read_mask(handle, name, self.shapes[name])
+
+    def to_dict(self) -> MaskDict:
+        """Every mask unpacked in memory (small models, tests)."""
+        return MaskDict({name: self[name] for name in self}, permutations=self.permutations, metadata=self.metadata)
+
+    def report(self) -> dict:
+        layers = {}
+        for name, shape in self.shapes.items():
+            total = math.prod(shape)
+            layers[name] = {"pruned": self.pruned[name], "total": total,
+                            "sparsity": round(self.pruned[name] / total, 6)}
+        pruned = sum(v["pruned"] for v in layers.values())
+        total = sum(v["total"] for v in layers.values())
+        return {"overall": round(pruned / total, 6) if total else 0.0, "pruned": pruned, "total": total, "layers": layers}
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """The masks artifact, written tensor by tensor (never all masks in memory)."""
+        meta = {k: str(v) for k, v in self.metadata.items()}
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        if self.permutations:
+            meta["permutations"] = json.dumps(sorted(self.permutations))
+        meta["shapes"] = json.dumps(self.shapes, sort_keys=True)
+        meta["format"] = "packbits-v1"
+        entries = [(name, torch.uint8, ((math.prod(shape) + 7) // 8,)) for name, shape in self.shapes.items()]
+        entries += [(PERMUTATION_PREFIX + name, torch.int32, (perm.numel(),)) for name, perm in self.permutations.items()]
+        with atomic_temp_path(path) as tmp:
+            writer = SafetensorsStreamWriter(tmp, entries, meta)
+            for file in dict.fromkeys(self._file_of.values()):
+                with safe_open(str(file), "pt") as handle:
+                    for name in handle.keys():
+                        writer.write(name, handle.get_tensor(name))
+            for name, perm in self.permutations.items():
+                writer.write(PERMUTATION_PREFIX + name, perm.to(torch.int32).contiguous())
+            writer.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _target_weights(layout: BlockLayout, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = layout.block_name(index) + "."
+    return {f"{prefix}{rel}.weight": block.get_submodule(rel).weight.detach() for rel in layout.targets[index]}
+
+
+class ShardBlockWriter:
+    """``on_done`` of a streamed walk: each finished block's target weights into the output shards,
+    cast back to the shards' dtype when the walk ran in another one."""
+
+    def __init__(self, patcher: ShardPatcher, layout: BlockLayout):
+        self.patcher, self.layout = patcher, layout
+
+    def __call__(self, index: int, block: nn.Module) -> None:
+        tensors = _target_weights(self.layout, index, block)
+        source = self.patcher.source
+        self.patcher.write({name: t.to(source.info(name).dtype) for name, t in tensors.items()})
+
+
+class BlockWeightsWriter:
+    """``on_done`` of a streamed walk: each finished block's target weights into one new file
+    (SparseGPT's updated weights, the masks stage's ``weights.safetensors``)."""
+
+    def __init__(self, path: str | Path, source: StreamedBlocks, layout: BlockLayout, metadata: dict | None = None):
+        self.layout = layout
+        names = [f"{name}.weight" for name in layout.all_targets()]
+        entries = [(name, source.dtype, source.checkpoint.info(name).shape) for name in names]
+        self.writer = SafetensorsStreamWriter(path, entries, metadata)
+
+    def __call__(self, index: int, block: nn.Module) -> None:
+        for name, tensor in _target_weights(self.layout, index, block).items():
+            self.writer.write(name, tensor.to("cpu").contiguous())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.contextmanager
+def _work_dir(work_dir: str | Path | None) -> Iterator[Path]:
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="wanda-stream-", dir=work_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    calib_ids: torch.Tensor | None,
+    config: PruneConfig,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    offload_activations: bool = False,
+    work_dir: str | Path | None = None,
+    masks_path: str | Path | None = None,
+    statistics_out: ActivationStatistics | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Prune the safetensors model in ``model_dir`` into ``out_dir`` without loading it whole.
+
+    Same masks and pruned weights as ``prune_model`` on the fully loaded model (every method and
+    mode). ``out_dir`` is written atomically: the input's files with the target tensors replaced
+    in their shards (the index and sharding are kept; ``wanda_model.json`` is not copied, the
+    caller describes the new model). ``work_dir`` holds the spooled masks and, with
+    ``offload_activations``, the activations between blocks. Returns ``MaskSpool.report()``,
+    and writes the masks artifact to ``masks_path`` when given.
+    """
+    config = PruneConfig.model_validate(config)
+    source = open_streamed(model_dir, dtype, device)
+    layout = discover(source.model, config.targets, config.ignore)
+    with _work_dir(work_dir) as work, atomic_dir(out_dir) as out:
+        spool = MaskSpool(work)
+        patcher = ShardPatcher(source.checkpoint, out)
+        source.on_done = ShardBlockWriter(patcher, layout)
+        prune_model(source.model, calib_ids, config, statistics_out, progress, blocks=source, masks_out=spool,
+                    offload_dir=str(work) if offload_activations else None)
+        source.on_done = None
+        patcher.finish(skip=(RECORD,))
+        if masks_path is not None:
+            spool.save(masks_path)
+        return spool.report()
+
+
+def apply_masks_to_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    masks_path: str | Path,
+    weights_path: str | Path | None = None,
+) -> dict:
+    """The pruned model from base shards + a masks artifact (+ updated weights), tensor by tensor.
+
+    Every masked tensor is read from the base shards (or from ``weights_path`` when the method
+    updated it), masked exactly as ``wanda.masks.apply_masks`` does, checked, and written in
+    place into a copy of its shard. Nothing is loaded as a model; memory holds one tensor and
+    its mask. ``out_dir`` must not exist yet or is replaced atomically by the caller.
+    Returns ``{"zeros": ..., "total": ...}`` counted on the written target weights.
+    """
+    checkpoint = Checkpoint(model_dir)
+    out_dir = Path(out_dir)
+    zeros = total = 0
+    with contextlib.ExitStack() as stack:
+        masks = stack.enter_context(safe_open(str(masks_path), "pt"))
+        shapes = mask_shapes(masks)
+        updated = stack.enter_context(safe_open(str(weights_path), "pt")) if weights_path else None
+        updated_names = set(updated.keys()) if updated is not None else set()
+        # Every check before the first byte is written.
+        for name, shape in shapes.items():
+            info = checkpoint.info(f"{name}.weight")
+            if list(info.shape) != list(shape):
+                raise ArtifactMismatchError(f"mask for {name!r} has shape {tuple(shape)}, weight has {info.shape}")
+        unknown = sorted(n for n in updated_names if n.removesuffix(".weight") not in shapes)
+        if unknown:
+            raise ArtifactMismatchError(f"updated weights name layers without masks, first {unknown[0]!r}")
+        patcher = ShardPatcher(checkpoint, out_dir)
+        by_file: dict[str, list[str]] = {}
+        for name in shapes:
+            by_file.setdefault(checkpoint.info(f"{name}.weight").file, []).append(name)
+        for file in checkpoint.files:
+            for name in by_file.get(file, []):
+                key = f"{name}.weight"
+                if key in updated_names:
+                    weight = updated.get_tensor(key).to(checkpoint.info(key).dtype)
+                else:
+                    weight = checkpoint.read([key])[key]
+                mask = read_mask(masks, name, shapes[name])
+                weight.mul_(~mask).add_(0.0)  # exactly apply_masks' arithmetic (+0.0 for pruned weights)
+                if weight.ne(0).logical_and_(mask).any():
+                    raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
+                zeros += int((weight == 0).sum())
+                total += weight.numel()
+                patcher.write({key: weight})
+            log.info("shard %s written", file)
+        patcher.finish(skip=(RECORD,))
+    return {"zeros": zeros, "total": total}
+
+
+def convert_shards(folder: str | Path, dtype: torch.dtype) -> None:
+    """Cast every floating-point tensor of a model folder to ``dtype``, one shard in memory at a time.
+
+    The layout changes, so each shard is rewritten whole (atomically) and the index and
+    ``config.json`` are updated.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .checkpoint import INDEX
+
+    folder = Path(folder)
+    checkpoint = Checkpoint(folder)
+    total = 0
+    for file in checkpoint.files:
+        tensors = load_file(str(folder / file))
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+        with atomic_temp_path(folder / file) as tmp:
+            save_file(tensors, str(tmp), metadata=checkpoint.metadata[file] or {"format": "pt"})
+        del tensors
+    index = folder / INDEX
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        name = str(dtype).replace("torch.", "")
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
