@@ -196,11 +196,13 @@ def sweep_pipeline(plan: SweepPlan) -> dict[str, Any]:
     report = graph.SWEEP_REPORT
     deps = list(report.code_files) + [plan.base.paths.dense_eval]
     deps += [point.params.paths.evaluate for point in plan.points]
+    deps += [point.params.paths.masks for point in plan.points]
+    deps = list(dict.fromkeys(deps))  # points may share a masks folder
     stages["report"] = graph.DvcStage(
         "report", f"python -m {report.entry} --params {plan.params_file}", deps, [{plan.params_file: ["sweep"]}],
         outs=[f"{plan.report_folder}/table.md", f"{plan.report_folder}/manifest.json"],
         metrics=[f"{plan.report_folder}/results.json"],
-        plots=[f"{plan.report_folder}/perplexity_vs_sparsity.png"],
+        plots=[f"{plan.report_folder}/perplexity_vs_sparsity.png", f"{plan.report_folder}/block_sparsity.png"],
         wdir="../..", desc=report.description).as_dict()
     return {"stages": stages}
 

@@ -574,31 +574,10 @@ def _log_artifacts(client, run_id: str, inputs: RunInputs, record: LineageRecord
 
 
 def sparsity_plot(report: Mapping[str, Any], path: Path) -> Path | None:
-    """PNG of the actual sparsity of every pruned layer (the target as a dashed line)."""
-    layers = report.get("layers") or {}
-    if not layers:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """PNG of the actual sparsity of every pruned layer (the library's plot)."""
+    from wanda.plots import layer_sparsity_plot
 
-    names = list(layers)
-    values = [float(v["sparsity"] if isinstance(v, Mapping) else v) for v in layers.values()]
-    fig = Figure(figsize=(max(6.0, 0.12 * len(names) + 2), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.bar(range(len(names)), values, color="C0", width=0.8)
-    if "overall" in report:
-        ax.axhline(float(report["overall"]), color="C3", linestyle="--", linewidth=0.8,
-                   label=f"overall {float(report['overall']):.3f}")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of weights pruned")
-    ax.set_xlabel(f"{len(names)} pruned layers, in model order")
-    step = max(1, len(names) // 24)  # label every layer only when they fit
-    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=90,
-                  fontsize=6)
-    fig.savefig(path, dpi=100, format="png")
-    return path
+    return layer_sparsity_plot(report, path)
 
 
 def _log_file_as(client, run_id: str, path: Path, artifact_dir: str, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from wanda.atomic import write_json
+from wanda.plots import layer_sparsity_plot
 from wanda.hashing import sha256_file
 
 from .common import StageContext, StageResult, load_model_dir, stage_entry
@@ -117,6 +118,7 @@ def _body(ctx: StageContext) -> StageResult:
 
 def _result(ctx: StageContext, config, report: dict, layers: int, stats_out, lineage: dict) -> StageResult:
     write_json(ctx.work / "sparsity.json", report)
+    layer_sparsity_plot(report, ctx.work / "sparsity.png", title=describe(config))
     summary = {
         "recipe": config.model_dump(mode="json"),
         "label": describe(config),

@@ -2,11 +2,14 @@
 
 Reads every point's evaluation and the shared dense evaluation; writes ``table.md`` (the points
 with their settings and perplexity, then the library's dense-vs-candidates table),
-``results.json`` (one row per point, DVC metrics) and ``perplexity_vs_sparsity.png``.
+``results.json`` (one row per point, DVC metrics), ``perplexity_vs_sparsity.png`` and
+``block_sparsity.png`` (each point's sparsity per decoder block: OWL's allocation beside the flat
+profile of uniform methods).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -15,6 +18,7 @@ from typing import Any
 
 from wanda.atomic import atomic_temp_path, write_json
 from wanda.errors import ArtifactMismatchError, WandaError
+from wanda.plots import block_sparsity_plot
 
 from . import graph
 from .common import StageContext, StageResult, apply_offline_env, run_stage
@@ -101,6 +105,7 @@ def build(sweep_file: Path, root: Path) -> dict:
     inputs = {"dense_eval": ("dense_eval", sweep["dense_eval"])}
     for point, entry in points.items():
         inputs[f"{point}"] = ("evaluate", entry["params"]["paths"]["evaluate"])
+        inputs[f"{point}:masks"] = ("masks", entry["params"]["paths"]["masks"])
 
     def body(ctx: StageContext) -> StageResult:
         from wanda.evaluation import comparison_table, load_result
@@ -121,6 +126,8 @@ def build(sweep_file: Path, root: Path) -> dict:
         (ctx.work / "table.md").write_text(table)
         write_json(ctx.work / "results.json", {"dense_perplexity": dense_ppl, "points": rows})
         plot(rows, dense_ppl, ctx.work / "perplexity_vs_sparsity.png")
+        block_sparsity_plot({point: json.loads(ctx.input(f"{point}:masks").file("sparsity.json").read_text())
+                             for point in points}, ctx.work / "block_sparsity.png")
         return StageResult(summary={"points": len(rows), "dense_perplexity": dense_ppl})
 
     return run_stage(NAME, None, body, root, spec=graph.SWEEP_REPORT, target=sweep["report"], inputs=inputs,

@@ -74,6 +74,7 @@ def test_sweep_shares_statistics_runs_points_in_parallel_and_caches(harness, tmp
     assert all(row["perplexity"] > 0 for row in points.values())
     assert "sweeps/t/dvc.yaml:sparsity-0_4-masks" in actions
     assert (root / "artifacts/sweeps/t/report/perplexity_vs_sparsity.png").stat().st_size > 1000
+    assert (root / "artifacts/sweeps/t/report/block_sparsity.png").stat().st_size > 1000
     assert "| sparsity-0_6 |" in result["table"]
     assert read_manifest(root / "artifacts/statistics") == stats_before  # one statistics pass served both
     assert status(root) == {}  # the parallel points were recorded with dvc commit

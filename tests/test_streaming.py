@@ -346,7 +346,7 @@ def _stage_params(*overrides: str):
     ("statistics.mode=sequential", "masks.method=sparsegpt"),
     ("statistics.mode=one_pass", "prune.dtype=float16"),
 ], ids=["sequential", "one-pass-2:4", "sparsegpt", "to-float16"])
-def test_stages_stream_to_the_same_artifacts(project, recipe):
+def test_stages_stream_to_the_same_artifacts(project, recipe):  # noqa: F811 (the imported fixture)
     """statistics -> masks -> prune -> evaluate with runtime.load=stream: same masks, the very same
     pruned model (fingerprint), the same perplexity as fully loaded."""
     from tasks import calibration, evaluate, masks, materialize, prune, statistics

@@ -318,7 +318,6 @@ def benchmark_semistructured(model: nn.Module, *, dtype: str = "float16", backen
                 layers.append(LayerTiming(name=s.name, shape=(s.out_features, s.in_features), tokens=tokens,
                                           dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
                                           max_abs_diff=diff))
-            del sparse
         decode = None
         if decode_tokens > 0:
             vocab = model.get_input_embeddings().weight.shape[0]
