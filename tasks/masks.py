@@ -32,9 +32,19 @@ def prune_config(ctx: StageContext):
 
 
 def describe(config) -> str:
-    """How tables name a candidate, e.g. ``wanda 50% unstructured (sequential)``."""
+    """How tables name a candidate, e.g. ``wanda 50% unstructured (sequential)`` or
+    ``wanda + OWL (M=5) + DSnoT 70% unstructured (one-pass)``: sweep points must not share a name."""
     amount = config.pattern if config.nm else f"{config.sparsity:.0%} unstructured"
-    return f"{config.method} {amount} ({config.mode.replace('_', '-')})"
+    recipe = [config.method]
+    if config.allocation == "owl":
+        recipe.append(f"OWL (M={config.owl_m:g})")
+    if config.variant:
+        recipe.append("variant")
+    if config.ria_permute:
+        recipe.append("channel permutation")
+    if config.refine == "dsnot":
+        recipe.append("DSnoT")
+    return f"{' + '.join(recipe)} {amount} ({config.mode.replace('_', '-')})"
 
 
 def _streamed_body(ctx: StageContext, config, lineage: dict) -> tuple[dict, dict, object]:

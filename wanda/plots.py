@@ -49,7 +49,7 @@ def layer_sparsity_plot(report: Mapping[str, Any], path: str | Path, title: str 
     from matplotlib.figure import Figure
 
     names, values = list(layers), list(layers.values())
-    fig = Figure(figsize=(max(6.0, 0.12 * len(names) + 2), 4.0), layout="constrained")
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.08 * len(names) + 2)), 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.bar(range(len(names)), values, color="C0", width=0.8)
