@@ -18,7 +18,7 @@ from tasks.params import PipelineParams
 from . import dvc
 from .execution import StagePlan, StageOutcome, run_sequential
 from .reporting import publish_pipeline
-from .prepare import content_force_reasons, preflight, prepare_params
+from .prepare import content_force_reasons, open_run
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ def prune_pipeline(params_file: str | None = None, overrides: list[str] | None =
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    root = dvc.find_root(repo)
-    params, note = prepare_params(root, params_file, overrides)
-    if note:
-        logger.info("%s", note)
-    for warning in preflight(params, root):
-        logger.warning("%s", warning)
+    root, params = open_run(repo, params_file, overrides, logger)
     plans = select(main_plans(params, root, force), targets)
     status = dvc.status(root, [plan.address for plan in plans])
     logger.info("DVC: %d of %d stages need work (%s)", len(status), len(plans), ", ".join(status) or "none")

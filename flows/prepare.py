@@ -48,6 +48,21 @@ def prepare_params(root: Path, params_file: str | Path | None = None,
     return params, note
 
 
+def open_run(repo: str | Path, params_file: str | Path | None, overrides: list[str] | None,
+             logger: logging.Logger | logging.LoggerAdapter) -> tuple[Path, PipelineParams]:
+    """What every flow does first: find the repository, write and validate its params.yaml,
+    and log the fallback note and the preflight warnings. Returns (root, params)."""
+    from . import dvc
+
+    root = dvc.find_root(repo)
+    params, note = prepare_params(root, params_file, overrides)
+    if note:
+        logger.info("%s", note)
+    for warning in preflight(params, root):
+        logger.warning("%s", warning)
+    return root, params
+
+
 def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
     """Fail before any stage runs on inputs that cannot exist here; return warnings.
 

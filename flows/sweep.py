@@ -28,7 +28,7 @@ from . import dvc
 from .execution import (StageOutcome, StagePlan, call_stage, default_workers, known_clean, run_sequential,
                         run_stage_task)
 from .pipeline import main_plans
-from .prepare import preflight, prepare_params
+from .prepare import open_run
 from .reporting import publish_sweep
 from .sweep_plan import SweepPlan, plan_sweep, write_sweep_files
 
@@ -93,12 +93,7 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    root = dvc.find_root(repo)
-    base, note = prepare_params(root, params_file, overrides)
-    if note:
-        logger.info("%s", note)
-    for warning in preflight(base, root):
-        logger.warning("%s", warning)
+    root, base = open_run(repo, params_file, overrides, logger)
     plan = plan_sweep(name, parse_axes(axes), base, read_yaml(root / "params.yaml"))
     write_sweep_files(root, plan)
     logger.info("sweep %s: %d points (%s); shared stages: %s", name, len(plan.points),
