@@ -105,26 +105,47 @@ class ActivationStatistics:
         return stats
 
 
-class StatisticsCollector:
+class LinearInputHooks:
+    """Forward hooks on linear layers: registered on ``__enter__``, removed on ``__exit__``.
+
+    Subclasses give ``_hook(name, module)``. ``_last`` remembers the last input tensor seen, so
+    layers fed the same tensor (q/k/v, gate/up) can share one reduction per batch; holding the
+    tensor keeps its identity unique until the next one arrives.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.handles: list = []
+        self._last: tuple | None = None
+
+    def _hook(self, name: str, module: nn.Linear):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name, module)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._last = None
+
+
+class StatisticsCollector(LinearInputHooks):
     """Forward hooks that accumulate input statistics of the given linear layers.
 
     Layers fed the same tensor (q/k/v, gate/up) share one reduction per batch.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], into: ActivationStatistics):
-        self.modules = modules
+        super().__init__(modules)
         self.into = into
-        self.handles: list = []
-        # The last input seen and its partial sums; holding the tensor keeps its identity unique.
-        self._last: tuple[torch.Tensor, tuple] | None = None
 
-    def __enter__(self) -> "StatisticsCollector":
-        for name, module in self.modules.items():
-            stats = self.into.layers.setdefault(name, ChannelStats.zeros(module.in_features))
-            self.handles.append(module.register_forward_hook(self._hook(stats)))
-        return self
+    def _hook(self, name: str, module: nn.Linear):
+        stats = self.into.layers.setdefault(name, ChannelStats.zeros(module.in_features))
 
-    def _hook(self, stats: ChannelStats):
         def hook(module, args, output):
             inputs = args[0]
             if self._last is None or self._last[0] is not inputs:
@@ -132,9 +153,3 @@ class StatisticsCollector:
             stats.add_partial(*self._last[1])
 
         return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self._last = None

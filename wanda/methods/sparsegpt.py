@@ -33,6 +33,8 @@ import logging
 import torch
 from torch import nn
 
+from ..statistics import LinearInputHooks
+
 log = logging.getLogger(__name__)
 
 _DAMP_RETRIES = 3
@@ -56,7 +58,7 @@ class _Accumulator:
         self.count += flat.shape[0]
 
 
-class HessianCollector:
+class HessianCollector(LinearInputHooks):
     """Forward hooks accumulating H = X^T X for the given linear layers, one per distinct input.
 
     Two layers share an accumulator when, on the first batch, the second receives the very tensor
@@ -65,16 +67,9 @@ class HessianCollector:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], offload: bool = False):
-        self.modules = modules
+        super().__init__(modules)
         self.offload = offload
         self.accumulators: dict[str, _Accumulator] = {}
-        self.handles: list = []
-        self._last: tuple[torch.Tensor, _Accumulator] | None = None
-
-    def __enter__(self) -> "HessianCollector":
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name, module)))
-        return self
 
     def _hook(self, name: str, module: nn.Linear):
         def hook(mod, args, output):
@@ -96,10 +91,7 @@ class HessianCollector:
         return hook
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self._last = None
+        super().__exit__(*exc)
         for acc in self.accumulators.values():
             acc.last = None
 
