@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.reference_wanda import _Catcher, reference_mask
+from tests.reference_wanda import first_block_inputs, reference_mask
 
 
 # --------------------------------------------------------------------------- scores
@@ -224,16 +224,7 @@ def reference_prune(model, tokens, method="wanda", sparsity=0.5, nm=None, sequen
                     owl=None, variant=False, dsnot=None, ria_alpha=0.5, permute=False, blocksize=128, damp=0.01):
     """Prune a LLaMA-style ``model`` in place the naive way; return masks (and permutations)."""
     layers = model.model.layers
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
-    for row in tokens:
-        try:
-            model(input_ids=row.unsqueeze(0), use_cache=False)
-        except ValueError:
-            pass
-    layers[0] = catcher.block
-    inputs = [h for h, _ in catcher.inputs]
-    kwargs = catcher.inputs[0][1]
+    inputs, kwargs = first_block_inputs(model, tokens)
 
     def run(layer, source):
         outs = [layer(h, **kwargs) for h in source]

@@ -21,6 +21,21 @@ class _Catcher(nn.Module):
         raise ValueError("caught")
 
 
+def first_block_inputs(model, tokens: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """The hidden states entering block 0 for each calibration row (one at a time, as the
+    reference code does) and the keyword arguments the block receives."""
+    layers = model.model.layers
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    for row in tokens:
+        try:
+            model(input_ids=row.unsqueeze(0), use_cache=False)
+        except ValueError:
+            pass
+    layers[0] = catcher.block
+    return [h for h, _ in catcher.inputs], catcher.inputs[0][1]
+
+
 def _row_mask(metric: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.zeros_like(metric, dtype=torch.bool)
     k = int(metric.shape[1] * sparsity)
@@ -49,16 +64,7 @@ def reference_mask(metric, sparsity, nm):
 def reference_wanda(model, tokens: torch.Tensor, sparsity: float, nm=None, sequential=True, method="wanda"):
     """Prune a LLaMA-style ``model`` (blocks at model.model.layers) in place; return masks."""
     layers = model.model.layers
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
-    for row in tokens:
-        try:
-            model(input_ids=row.unsqueeze(0), use_cache=False)
-        except ValueError:
-            pass
-    layers[0] = catcher.block
-    inputs = [h for h, _ in catcher.inputs]
-    kwargs = catcher.inputs[0][1]
+    inputs, kwargs = first_block_inputs(model, tokens)
 
     masks = {}
     dense_inputs = list(inputs)
