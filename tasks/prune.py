@@ -6,11 +6,9 @@ read here; the result is verified (every masked weight is exactly zero) before i
 """
 from __future__ import annotations
 
-
 from wanda.errors import ArtifactMismatchError
 
-from .common import StageContext, StageResult, load_model_dir, stage_entry
-from .common import streamed
+from .common import StageContext, StageResult, load_model_dir, stage_entry, streamed
 
 NAME = "prune"
 
@@ -21,19 +19,10 @@ def _body(ctx: StageContext) -> StageResult:
 
     base, masks_artifact = ctx.input("materialize"), ctx.input("masks")
     fingerprint = base.lineage["base_model_fingerprint"]
+    _check_masks_base(masks_artifact, fingerprint)
     if streamed(ctx.params):
-        from safetensors import safe_open
-
-        # Only the metadata here: the masks are read one layer at a time while writing.
-        with safe_open(str(masks_artifact.file("masks.safetensors")), "pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        return _streamed_body(ctx, base, masks_artifact, fingerprint, metadata)
-    masks, metadata = load_masks(masks_artifact.file("masks.safetensors"))
-    # The manifests already agree (common.check_lineage); the file's own record must agree too.
-    recorded = metadata.get("base_model_fingerprint")
-    if recorded and recorded != fingerprint:
-        raise ArtifactMismatchError(
-            f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
+        return _streamed_body(ctx, base, masks_artifact, fingerprint)
+    masks, _ = load_masks(masks_artifact.file("masks.safetensors"))
     model, tokenizer = load_model_dir(base.file("model"), ctx.params, placed=False)
     model.to("cpu")
     if masks_artifact.summary.get("updates_weights"):
@@ -55,19 +44,34 @@ def _body(ctx: StageContext) -> StageResult:
         "masks_digest": masks_artifact.lineage.get("masks_digest", ""),
         "pruned": True,
     })
+    return _result(masks_artifact, record.fingerprint, record.dtype, sparsity_report(masks)["overall"], zeros, total)
+
+
+def _check_masks_base(masks_artifact, fingerprint: str) -> None:
+    """The manifests already agree (common.check_lineage); the masks file's own record must too."""
+    from safetensors import safe_open
+
+    with safe_open(str(masks_artifact.file("masks.safetensors")), "pt") as handle:  # the header only
+        recorded = (handle.metadata() or {}).get("base_model_fingerprint")
+    if recorded and recorded != fingerprint:
+        raise ArtifactMismatchError(
+            f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
+
+
+def _result(masks_artifact, fingerprint: str, dtype: str, mask_sparsity, zeros: int, total: int) -> StageResult:
     summary = {
-        "fingerprint": record.fingerprint,
-        "dtype": record.dtype,
+        "fingerprint": fingerprint,
+        "dtype": dtype,
         "recipe": masks_artifact.summary.get("recipe"),
         "label": masks_artifact.summary.get("label"),
-        "mask_sparsity": sparsity_report(masks)["overall"],
+        "mask_sparsity": mask_sparsity,
         # Counted on the written weights: includes weights that were zero before pruning.
         "zero_fraction": round(zeros / total, 6) if total else 0.0,
     }
-    return StageResult(summary=summary, lineage={"pruned_model_fingerprint": record.fingerprint})
+    return StageResult(summary=summary, lineage={"pruned_model_fingerprint": fingerprint})
 
 
-def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str, metadata: dict) -> StageResult:
+def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str) -> StageResult:
     """The same pruned model, tensor by tensor: base shards copied, masked tensors rewritten in place."""
     import json
 
@@ -75,10 +79,6 @@ def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str, me
     from wanda.model_io import fingerprint as weights_fingerprint
     from wanda.streaming import apply_masks_to_checkpoint, convert_shards
 
-    recorded = metadata.get("base_model_fingerprint")
-    if recorded and recorded != fingerprint:
-        raise ArtifactMismatchError(
-            f"masks were computed for base model {recorded[:16]}, but the base model is {fingerprint[:16]}")
     out = ctx.work / "model"
     weights = masks_artifact.file("weights.safetensors") if masks_artifact.summary.get("updates_weights") else None
     counts = apply_masks_to_checkpoint(base.file("model"), out, masks_artifact.file("masks.safetensors"), weights)
@@ -92,15 +92,8 @@ def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str, me
             "source": base.summary.get("source", ""), "base_model_fingerprint": fingerprint,
             "masks_digest": masks_artifact.lineage.get("masks_digest", ""), "pruned": True}
     write_json(out / "wanda_model.json", info)
-    summary = {
-        "fingerprint": info["fingerprint"],
-        "dtype": dtype,
-        "recipe": masks_artifact.summary.get("recipe"),
-        "label": masks_artifact.summary.get("label"),
-        "mask_sparsity": masks_artifact.summary.get("overall_sparsity"),
-        "zero_fraction": round(counts["zeros"] / counts["total"], 6) if counts["total"] else 0.0,
-    }
-    return StageResult(summary=summary, lineage={"pruned_model_fingerprint": info["fingerprint"]})
+    return _result(masks_artifact, info["fingerprint"], dtype, masks_artifact.summary.get("overall_sparsity"),
+                   counts["zeros"], counts["total"])
 
 
 run, main = stage_entry(NAME, _body)
