@@ -200,6 +200,10 @@ def test_export_mistral_and_qwen2_with_bias(tmp_path):
     result = export_trtllm_checkpoint(qwen, tmp_path / "q", dtype="bfloat16")
     config = result.config
     assert config.architecture == "Qwen2ForCausalLM" and config.attn_bias and config.qwen_type == "qwen2"
+    # QWenDecoderLayer reads seq_length (max_seqlen_for_logn_scaling): missing, the build fails.
+    written = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert written["seq_length"] == qwen.config.max_position_embeddings == 256
+    assert read_checkpoint_config(tmp_path / "q").seq_length == 256
     rank0 = load_file(str(tmp_path / "q" / "rank0.safetensors"))
     attn = qwen.model.layers[0].self_attn
     bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).to(torch.bfloat16)
@@ -238,6 +242,18 @@ def test_other_architectures_and_dtypes_refused(tmp_path):
         export_trtllm_checkpoint(tiny_model("gpt_neox"), tmp_path / "x")
     with pytest.raises(ConfigError, match="export.dtype"):
         export_trtllm_checkpoint(tiny_model("llama"), tmp_path / "x", dtype="float32")
+
+
+def test_mixture_of_experts_refused_with_a_clear_message(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", vocab_size=128, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError, match=r"mixture-of-experts .*'mixtral', 4 experts"):
+        export_trtllm_checkpoint(model, tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
 
 
 def test_validation_catches_tampering(llama24, tmp_path):

@@ -275,8 +275,24 @@ def _rope(hf_config) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_moe(model) -> None:
+    """Mixture-of-experts models have per-expert MLPs and a router this writer does not map
+    (TRT-LLM wants ``moe_config`` and ``mlp.fc``/``mlp.proj`` stacked per expert)."""
+    c = model.config
+    experts = next((int(v) for f in _EXPERT_FIELDS if isinstance(v := getattr(c, f, None), int) and v > 1), None)
+    if experts is not None or "moe" in str(getattr(c, "model_type", "")).lower():
+        raise UnsupportedArchitectureError(
+            f"TensorRT-LLM export does not support mixture-of-experts models ({type(model).__name__}, "
+            f"model_type {getattr(c, 'model_type', '?')!r}, {experts or 'several'} experts): the checkpoint writer "
+            "maps dense LLaMA-family MLPs only; export the dense safetensors folder instead")
+
+
 def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConfig:
     """The TRT-LLM config of a transformers LLaMA-family model (refuses other architectures)."""
+    _refuse_moe(model)
     kind = model_type(model)
     if kind not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -316,7 +332,9 @@ def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConf
         mlp_bias=bool(getattr(c, "mlp_bias", False)),
     )
     if kind == "qwen2":
-        fields.update(qwen_type="qwen2", attn_bias=True, use_logn_attn=False)
+        # QWenDecoderLayer reads config.seq_length (max_seqlen_for_logn_scaling) even with
+        # use_logn_attn off; TRT-LLM's own Qwen converter sets it to max_position_embeddings.
+        fields.update(qwen_type="qwen2", attn_bias=True, use_logn_attn=False, seq_length=c.max_position_embeddings)
     return TrtllmCheckpointConfig.model_validate(fields)
 
 
