@@ -37,15 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from wanda.export.semistructured import SemiStructuredUnavailableError, require_semistructured_support
+    from wanda.errors import ConfigError
+    from wanda.export.semistructured import (SemiStructuredUnavailableError, require_semistructured_support,
+                                             resolve_backend)
 
     try:
         device = require_semistructured_support()
-    except SemiStructuredUnavailableError as exc:
+        # Before loading any model: CUTLASS kernels exist for 8.x only, cuSPARSELt may be absent.
+        backend = resolve_backend(args.backend, device.cusparselt_available, device.capability)
+    except (SemiStructuredUnavailableError, ConfigError) as exc:
         print(f"bench_semistructured: {exc}", file=sys.stderr)
         return 2
-    log.info("GPU %s (sm_%d%d), torch %s, CUDA %s, cuSPARSELt %s", device.name, *device.capability,
-             device.torch_version, device.cuda_version, device.cusparselt_available)
+    log.info("GPU %s (sm_%d%d), torch %s, CUDA %s, cuSPARSELt %s, backend %s", device.name, *device.capability,
+             device.torch_version, device.cuda_version, device.cusparselt_available, backend)
 
     import torch
 
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if pruned:
         log.info("pruned %d linear layers 2:4 by magnitude for the benchmark", pruned)
     result = benchmark_semistructured(
-        model, dtype=args.dtype, backend=args.backend, token_counts=[int(t) for t in args.tokens.split(",")],
+        model, dtype=args.dtype, backend=backend, token_counts=[int(t) for t in args.tokens.split(",")],
         repetitions=args.repetitions, decode_tokens=args.decode_tokens, prompt_len=args.prompt_len,
         max_layers=args.max_layers)
     write_json(args.out, {"model": args.model or EMBEDDED_DEFAULT, "pruned_here_by_magnitude": pruned,

@@ -449,6 +449,41 @@ def test_backend_resolution():
         resolve_backend("magic")
 
 
+def _visible_gpu(monkeypatch, capability, name, cusparselt=True):
+    """Pretend torch sees one CUDA GPU of ``capability`` (nothing runs on it in these tests)."""
+    import wanda.export.semistructured as semi
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(semi, "_cusparselt_available", lambda: cusparselt)
+
+
+def test_cutlass_refused_on_hopper_and_auto_picks_cusparselt(monkeypatch, capsys):
+    # torch's CUTLASS 2:4 kernels exist for compute capability 8.x only.
+    assert resolve_backend("auto", cusparselt_available=True, capability=(9, 0)) == "cusparselt"
+    assert resolve_backend("cutlass", cusparselt_available=True, capability=(8, 6)) == "cutlass"
+    with pytest.raises(ConfigError, match=r"(?s)semistructured.backend.*compute capability 9.0.*8\.x"):
+        resolve_backend("cutlass", cusparselt_available=True, capability=(9, 0))
+    with pytest.raises(SemiStructuredUnavailableError, match="CUTLASS 2:4 kernels run only on compute capability 8.x"):
+        resolve_backend("auto", cusparselt_available=False, capability=(9, 0))
+    _visible_gpu(monkeypatch, (9, 0), "NVIDIA H200")
+    model = tiny_model("llama")
+    for name in discover(model).all_targets():
+        magnitude_24_(model.get_submodule(name).weight.data)
+    with pytest.raises(ConfigError, match="'cutlass' cannot run on compute capability 9.0"):
+        benchmark_semistructured(model, backend="cutlass")  # refused before anything touches the GPU
+    assert next(model.parameters()).device.type == "cpu"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_semistructured
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_semistructured.main(["--backend", "cutlass"]) == 2
+    assert "'cutlass' cannot run on compute capability 9.0" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_no_gpu_error_is_clear():
     with pytest.raises(SemiStructuredUnavailableError, match=r"CUDA GPU with compute capability >= 8\.0 required"):

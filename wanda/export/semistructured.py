@@ -95,15 +95,37 @@ def _cusparselt_available() -> bool:
         return False
 
 
-def resolve_backend(backend: Backend, cusparselt_available: bool | None = None) -> str:
+# torch's CUTLASS 2:4 kernels (torch/sparse/semi_structured.py, _sparse_semi_structured_linear)
+# are compiled for SM 8.x only: on 9.x (H100/H200) they fail at the first matmul.
+CUTLASS_MAJOR = 8
+
+
+def resolve_backend(backend: Backend, cusparselt_available: bool | None = None,
+                    capability: tuple[int, int] | None = None) -> str:
+    """``auto``: cuSPARSELt when this PyTorch has it, else CUTLASS where its kernels run (8.x).
+    ``capability`` (the GPU's compute capability) is checked when given."""
     if backend not in ("auto", "cusparselt", "cutlass"):
         raise ConfigError("semistructured.backend", f"unknown backend {backend!r}", "auto, cusparselt, cutlass")
     available = _cusparselt_available() if cusparselt_available is None else cusparselt_available
+    cutlass_ok = capability is None or capability[0] == CUTLASS_MAJOR
+    where = f"compute capability {capability[0]}.{capability[1]}" if capability else ""
     if backend == "auto":
-        return "cusparselt" if available else "cutlass"
+        if available:
+            return "cusparselt"
+        if not cutlass_ok:
+            raise SemiStructuredUnavailableError(
+                f"no semi-structured backend for {where}: this PyTorch has no cuSPARSELt "
+                "(torch.backends.cusparselt.is_available() is False) and torch's CUTLASS 2:4 kernels run only on "
+                "compute capability 8.x; install a PyTorch build with cuSPARSELt")
+        return "cutlass"
     if backend == "cusparselt" and not available:
+        hint = "use 'cutlass'" if cutlass_ok else "install a PyTorch build with cuSPARSELt"
         raise SemiStructuredUnavailableError("backend 'cusparselt' requested but this PyTorch has no cuSPARSELt "
-                                             "(torch.backends.cusparselt.is_available() is False); use 'cutlass'")
+                                             f"(torch.backends.cusparselt.is_available() is False); {hint}")
+    if backend == "cutlass" and not cutlass_ok:
+        raise ConfigError("semistructured.backend",
+                          f"'cutlass' cannot run on {where}: torch's CUTLASS 2:4 kernels run only on compute "
+                          "capability 8.x (A100, A10, L4, L40, RTX 30/40)", "cusparselt, auto")
     return backend
 
 
@@ -292,7 +314,7 @@ def benchmark_semistructured(model: nn.Module, *, dtype: str = "float16", backen
         raise ConfigError("semistructured.decode_tokens", f"got {decode_tokens}: the per-token time needs at least "
                           "one step after the first token", "0 (skip) or >= 2")
     device_info = require_semistructured_support()
-    resolved = resolve_backend(backend, device_info.cusparselt_available)
+    resolved = resolve_backend(backend, device_info.cusparselt_available, device_info.capability)
     selection = select_semistructured_layers(model, dtype, resolved, targets=targets, ignore=ignore)
     chosen = [s for s in selection if s.selected][: max_layers or None]
     skipped = [s for s in selection if not s.selected]
