@@ -20,10 +20,11 @@ def gpu_environment(container: str | None = None) -> dict:
     """What this machine offers the TensorRT-LLM stages (cheap: no CUDA initialisation)."""
     import os
 
+    from wanda.export import engine as engine_lib
     from wanda.export.engine import BUILD_TOOL, CONTAINER_ENV
 
     return {
-        "nvidia_smi": shutil.which("nvidia-smi") is not None,
+        "nvidia_smi": engine_lib.nvidia_gpu_visible(),
         "build_tool": shutil.which(BUILD_TOOL) is not None,
         "container": bool(container or os.environ.get(CONTAINER_ENV)),
     }
@@ -62,7 +63,7 @@ def _body(ctx: StageContext) -> StageResult:
                                timeout=section.timeout_s)
     except EngineUnavailableError as exc:
         return StageResult.skipped(str(exc), environment=env)
-    engines = {name: path.relative_to(ctx.work).as_posix() for name, path in report.engine_dirs.items()}
+    engines = {name: path.relative_to(ctx.work).as_posix() for name, path in report.engine_dirs().items()}
     return StageResult(summary={"engines": engines, "shapes": shapes.model_dump(), "versions": report.versions,
                                 "warnings": report.warnings, "environment": env,
                                 "container": section.container})

@@ -57,12 +57,13 @@ from wanda.export.trtllm_checkpoint import export_trtllm_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 # As TensorRT prints them through TRT-LLM's logger ("[TRT] [I] ..."), layer names as TRT-LLM
-# gives them (the module path of the network).
+# gives them (the module path of the network). --use_fused_mlp is on by default in 1.2, so the
+# gated MLP's two input GEMMs are one layer, mlp/fused_fc; lm_head is dense, never eligible.
 SPARSE_LOG = """\
-[TensorRT-LLM] TensorRT-LLM version: 1.2.0
-[05/02/2026-10:00:01] [TRT-LLM] [I] Set gemm_plugin to None.
-[05/02/2026-10:00:09] [TRT] [I] (Sparsity) Layers eligible for sparse math: LLaMAForCausalLM/transformer/layers/0/attention/qkv/MATMUL_0, LLaMAForCausalLM/transformer/layers/0/mlp/fc/MATMUL_0, LLaMAForCausalLM/transformer/layers/1/mlp/proj/MATMUL_0, LLaMAForCausalLM/lm_head/MATMUL_0
-[05/02/2026-10:00:09] [TRT] [I] (Sparsity) TRT inference plan picked sparse implementation for layers: LLaMAForCausalLM/transformer/layers/0/mlp/fc/MATMUL_0, LLaMAForCausalLM/transformer/layers/1/mlp/proj/MATMUL_0
+[TensorRT-LLM] TensorRT LLM version: 1.2.0
+[05/02/2026-10:00:01] [TRT-LLM] [I] Set PluginConfig.gemm_plugin to None.
+[05/02/2026-10:00:09] [TRT] [I] (Sparsity) Layers eligible for sparse math: LLaMAForCausalLM/transformer/layers/0/attention/qkv/MATMUL_0, LLaMAForCausalLM/transformer/layers/0/mlp/fused_fc/MATMUL_0, LLaMAForCausalLM/transformer/layers/1/mlp/proj/MATMUL_0, LLaMAForCausalLM/transformer/layers/1/attention/dense/MATMUL_0
+[05/02/2026-10:00:09] [TRT] [I] (Sparsity) TRT inference plan picked sparse implementation for layers: LLaMAForCausalLM/transformer/layers/0/mlp/fused_fc/MATMUL_0, LLaMAForCausalLM/transformer/layers/1/mlp/proj/MATMUL_0
 [05/02/2026-10:00:10] [TRT-LLM] [I] Engine generation completed in 8.1 seconds.
 """
 
@@ -232,6 +233,11 @@ def test_build_commands_sparse_and_both_dense_baselines_share_shapes(tmp_path):
     assert "--weight_sparsity" not in cmds["dense"] and flag(cmds["dense"], "--gemm_plugin") == "disable"
     assert "--weight_sparsity" not in cmds["dense_gemm_plugin"]
     assert flag(cmds["dense_gemm_plugin"], "--gemm_plugin") == "auto"
+    from tests.standins import FLAGS
+    build_flags = json.loads(FLAGS.read_text())["trtllm-build"]["options"]
+    assert build_flags["--gemm_plugin"]["default"] is None  # trtllm-build's default: disabled
+    for argv in cmds.values():  # every flag we pass exists in TensorRT-LLM 1.2's trtllm-build
+        assert {a for a in argv[1:] if a.startswith("--")} <= set(build_flags)
     assert flag(cmds["sparse"], "--output_dir") == str(tmp_path / "engines" / "sparse")
 
 
@@ -279,9 +285,13 @@ def test_parse_sparsity_log_finds_sparse_layers():
     summary = parse_sparsity_log(SPARSE_LOG)
     assert summary.sparsity_lines_found and summary.has_sparse_layers and not summary.warnings
     assert len(summary.eligible) == 4 and len(summary.picked) == 2
-    assert summary.picked_modules == ["transformer.layers.0.mlp.fc", "transformer.layers.1.mlp.proj"]
+    assert summary.picked_modules == ["transformer.layers.0.mlp.fused_fc", "transformer.layers.1.mlp.proj"]
     assert "transformer.layers.0.attention.qkv" in summary.eligible_modules
+    assert len(summary.eligible_modules) == 4  # the fused MLP GEMM counts as one module
     assert parse_trtllm_version(SPARSE_LOG) == "1.2.0"
+    unfused = SPARSE_LOG.replace("mlp/fused_fc/MATMUL_0", "mlp/fc/MATMUL_0, LLaMAForCausalLM/transformer/layers/0/mlp/gate/MATMUL_0")
+    assert parse_sparsity_log(unfused).picked_modules == ["transformer.layers.0.mlp.fc", "transformer.layers.0.mlp.gate",
+                                                          "transformer.layers.1.mlp.proj"]
 
 
 def test_parse_sparsity_log_tolerates_other_spellings_and_warns():
@@ -311,7 +321,7 @@ def test_build_engines_with_fake_tool(fake_bin, checkpoint, tmp_path):
         argv = json.loads((build.engine_dir / "argv.json").read_text())
         assert argv[argv.index("--max_seq_len") + 1] == "192"
     sparse = next(b for b in report.builds if b.variant.name == "sparse")
-    assert sparse.sparsity.picked_modules == ["transformer.layers.0.mlp.fc", "transformer.layers.1.mlp.proj"]
+    assert sparse.sparsity.picked_modules == ["transformer.layers.0.mlp.fused_fc", "transformer.layers.1.mlp.proj"]
     assert not report.warnings and report.versions["runner"] == "host PATH"
     recorded = json.loads((tmp_path / "engines" / "engine_build.json").read_text())
     assert "--weight_sparsity" in recorded["builds"][0]["run"]["command"]

@@ -6,7 +6,13 @@ GEMMs go to cuBLASLt and stay dense, so:
 
 - ``sparse``: ``--weight_sparsity --gemm_plugin disable``;
 - ``dense``: ``--gemm_plugin disable`` (same GEMM path as the sparse engine, minus sparsity);
-- ``dense_gemm_plugin``: ``--gemm_plugin auto`` (the dense engine users would build by default).
+- ``dense_gemm_plugin``: ``--gemm_plugin auto`` (cuBLASLt GEMMs: the dense engine most TensorRT-LLM
+  examples build). ``trtllm-build``'s own default is ``gemm_plugin`` disabled (``PluginConfig.gemm_plugin``
+  defaults to None in TensorRT-LLM 1.2), so ``disable`` is passed explicitly only to be unambiguous.
+
+``--use_fused_mlp`` is on by default in 1.2: the gated MLP's two input GEMMs (checkpoint ``mlp.fc``
+and ``mlp.gate``) are horizontally fused into one GEMM named ``mlp/fused_fc`` in the network, so the
+build log names ``fused_fc`` layers instead of ``fc`` and ``gate``; both spellings are parsed.
 
 All three get identical shape flags. TensorRT-LLM 1.2 is the last release with ``trtllm-build``;
 its wheels need Python 3.10/3.12, CUDA and a driver, so the tool runs as a subprocess, from the
@@ -45,6 +51,12 @@ INSTALL_HINT = (
     f"command (argument container_command or ${CONTAINER_ENV}), e.g. "
     "'docker run --rm --gpus all --ipc=host -v /data:/data nvcr.io/nvidia/tensorrt-llm/release:<1.2.x tag>'"
 )
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU to the tools (cheap: ``nvidia-smi`` on the PATH,
+    no CUDA initialisation). One function, so every stage asks the same question."""
+    return shutil.which("nvidia-smi") is not None
 
 
 class EngineUnavailableError(WandaError, RuntimeError):
@@ -266,7 +278,8 @@ _PICKED = re.compile(
     r"\(Sparsity\)\s*TRT\s+inference\s+plan\s+picked\s+sparse\s+implementation\s+for\s+layers\s*:?(.*)$", re.I)
 # TRT-LLM names network layers after the module path, e.g.
 # "LLaMAForCausalLM/transformer/layers/3/mlp/fc/MATMUL_0"; map them back to checkpoint modules.
-_MODULE = re.compile(r"layers[/.](\d+)[/.](attention[/.](?:qkv|dense)|mlp[/.](?:fc|gate|proj))")
+# With --use_fused_mlp (the default) fc and gate are one GEMM, "mlp/fused_fc".
+_MODULE = re.compile(r"layers[/.](\d+)[/.](attention[/.](?:qkv|dense)|mlp[/.](?:fused_fc|fc|gate|proj))(?![\w])")
 _TRT_VERSION = re.compile(r"TensorRT[- ]LLM(?:\]\s*TensorRT-LLM)?\s+version\s*:?\s*([0-9][\w.+-]*)", re.I)
 
 
