@@ -13,13 +13,15 @@ Where things go
 
 Registered model source (decision)
 The default ``register_source: artifact`` logs the pruned model directory once as the run
-artifact ``model/`` and registers ``runs:/<run_id>/model``. Reasons: the DVC workspace folder is
+artifact ``model/``, in MLflow's transformers flavour (``flows/model_logging.py``: the folder byte
+for byte under ``model/model/``, plus ``MLmodel``), and registers ``runs:/<run_id>/model``, which
+``mlflow.transformers.load_model`` and ``mlflow models serve`` consume. Reasons: the DVC workspace folder is
 mutable (the next pipeline run overwrites ``artifacts/prune/...``), so a ``file://`` source would
 silently point at other weights; a DVC cache holds files by md5, not a loadable folder, and may be
 garbage-collected; an MLflow server refuses local sources outside the run's artifact folder; and
 ``models:/NAME@champion`` must be downloadable with the MLflow client alone. The weights are
 written exactly once more than DVC's copy (make DVC's own copy free with
-``dvc config cache.type reflink,hardlink,copy``); nothing else (no flavor ``log_model``) copies them.
+``dvc config cache.type reflink,hardlink,copy``); the flavour is staged in a temporary folder first.
 ``register_source: dvc`` copies nothing: the source is the ``.dir`` object, in the DVC remote, of
 the DVC output holding the model (``<remote url>/files/md5/xx/yyyy.dir``, the folder inside it in
 the tag ``wanda.model_subpath``), for teams whose consumers fetch with DVC; it must be pushed.
@@ -640,8 +642,9 @@ def register_model_version(
     model_dir = model_dir if model_dir.is_absolute() else root / model_dir
     digests = model_digests(model_dir)
     if config.register_source == "artifact":
-        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)  # the one copy the registry owns
-        source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+        from .model_logging import log_transformers_model  # transformers flavour: loadable and servable
+
+        source = log_transformers_model(client, run_id, model_dir, MODEL_ARTIFACT)  # the copy the registry owns
     else:
         source, subpath = _dvc_source(config, root, model_dir, record)
         digests["model_subpath"] = subpath
@@ -706,13 +709,15 @@ def registered_model_dir(client: "MlflowClient", version, dst: Path | None = Non
         run_id, _, rel = source[len("runs:/"):].partition("/")
         base = client.get_run(run_id).info.artifact_uri
         local = _local_path(base)
+        from .model_logging import checkpoint_dir  # the HF folder inside a flavour model
+
         if local is not None:
             path = local / rel
-            return path if path.exists() else None
+            return checkpoint_dir(path) if path.exists() else None
         target = dst or Path(tempfile.mkdtemp(prefix="wanda-model-"))
         target.mkdir(parents=True, exist_ok=True)
         try:
-            return Path(client.download_artifacts(run_id, rel, str(target)))
+            return checkpoint_dir(Path(client.download_artifacts(run_id, rel, str(target))))
         except Exception as exc:  # noqa: BLE001 - absent on the server: reported as missing
             log.warning("could not download %s: %s", source, exc)
             return None

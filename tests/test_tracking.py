@@ -356,7 +356,8 @@ def test_audit_reports_tampering(project):
     assert audit(f"{MODEL}@champion", project, _config()).ok
 
     # 3. the registered model bytes edited in the MLflow artifact store
-    art = Path(client.get_run(report.run_id).info.artifact_uri.removeprefix("file://")) / "model"
+    # (the transformers-flavour model keeps the checkpoint in its model/ folder)
+    art = Path(client.get_run(report.run_id).info.artifact_uri.removeprefix("file://")) / "model" / "model"
     weights = next(art.glob("*.safetensors"))
     kept = weights.read_bytes()
     weights.write_bytes(kept + b"\0")
