@@ -115,3 +115,28 @@ def test_engine_and_benchmark_stages_through_their_entry_points(exported, tools,
     assert ttft["speedup"] == pytest.approx(1.25)  # the stand-in reports the sparse engine 0.8x the time
     tokenizer = json.loads((exported / "artifacts" / "benchmark" / "trtllm_model" / "tokenizer_config.json").read_text())
     assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+@pytest.mark.integration
+def test_pipeline_run_with_two_four_builds_and_benchmarks_engines(tmp_path):
+    """``wanda-pipeline run -S masks.pattern=2:4``: DVC runs every stage as dvc.yaml says, the
+    engine and benchmark stages against the stand-ins (GPU visible through sitecustomize)."""
+    from tests.pipeline_project import copy_project, env
+
+    root = copy_project(tmp_path / "p")
+    bin_dir = standins.install(tmp_path / "bin")
+    values = env()
+    values.update(PATH=f"{bin_dir}{os.pathsep}{values['PATH']}", PYTHONPATH=str(standins.SITE))
+    values.pop("WANDA_TRTLLM_CONTAINER", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-track", "-S", "masks.pattern=2:4",
+                           "-S", "benchmark.num_requests=4", "-S", "benchmark.input_len=32",
+                           "-S", "benchmark.output_len=16"],
+                          cwd=root, env=values, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    for stage in ("export_24", "engine", "benchmark"):
+        assert _manifest(root, stage)["status"] == "completed", stage
+    build = json.loads((root / "artifacts" / "engine" / "engines" / "engine_build.json").read_text())
+    assert {b["variant"]["name"] for b in build["builds"]} == {"sparse", "dense", "dense_gemm_plugin"}
+    assert "transformer.layers.0.mlp.fused_fc" in \
+        build["builds"][0]["sparsity"]["picked_modules"]
+    assert _manifest(root, "benchmark")["summary"]["ratios"]["latency"]["dense_gemm_plugin"]
