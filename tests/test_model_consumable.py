@@ -62,6 +62,7 @@ def test_champion_loads_through_mlflow_with_the_evaluated_perplexity(project, tm
     assert dvc_md5(registered_model_dir(client, mv)) == mv.tags["wanda.model_dvc_md5"]
 
     # `mlflow models` prepares serving the champion: pyfunc flavour present, server context written.
+    assert {"transformers", "python_function"} <= set(mlflow.models.get_model_info(uri).flavors)
     env = {**os.environ, "MLFLOW_TRACKING_URI": resolved.tracking_uri, "MLFLOW_REGISTRY_URI": resolved.registry_uri}
     proc = subprocess.run([sys.executable, "-m", "mlflow", "models", "generate-dockerfile", "-m", uri,
                            "-d", str(tmp_path / "serve"), "--env-manager", "local"],
