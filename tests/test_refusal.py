@@ -115,9 +115,9 @@ def test_gpt2_conv1d_layers_are_targets_with_in_out_weights_transposed():
 def test_cli_refuses_encoders_with_exit_code_2(tmp_path, model_type):
     from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 
-    from tests.pipeline_project import copy_project, sh
+    from tests.pipeline_project import make_project, sh
 
-    root = copy_project(tmp_path / "p")
+    root = make_project(tmp_path / "p")  # no cold run needed: the refusal comes before any stage
     config = tiny_other_config(model_type)
     model = T5ForConditionalGeneration(config) if model_type == "t5" else AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / model_type)
