@@ -69,6 +69,8 @@ def test_routers_become_targets_only_when_named():
     assert not any(n.endswith("shared_expert_gate") for n in default)
     named = {t.name for t in model_targets(model, targets=["*.self_attn.*", "*.shared_expert_gate"])}
     assert "model.layers.0.mlp.shared_expert_gate" in named
+    with pytest.raises(ConfigError, match=r"targets: model.layers.0.mlp.gate is a Qwen2MoeTopKRouter"):
+        model_targets(model, targets=["*.mlp.gate"])  # a bare-weight router: refused, not silently skipped
 
 
 def test_gpt2_conv1d_layers_are_targets_with_in_out_weights_transposed():

@@ -106,14 +106,14 @@ def never_pruned(relative: str) -> bool:
 def is_router(relative: str, module: nn.Module | None = None) -> bool:
     """A MoE router: ``mlp.gate``, ``mlp.router``, ``shared_expert_gate``, or a ``*Router`` module."""
     return relative.split(".")[-1] in ROUTER_NAMES or (
-        module is not None and type(module).__name__.endswith(("Router", "TopkRouter")))
+        module is not None and type(module).__name__.endswith("Router"))
 
 
 def router_requested(full: str, targets: list[str]) -> bool:
-    """Routers are targets only when a pattern names their last component (``*.mlp.gate``):
-    the default ``*`` keeps them dense."""
+    """Routers are targets only when a pattern ends with their name (``*.mlp.gate``,
+    ``*.shared_expert_gate``): ``*`` or ``*gate*`` keep them dense."""
     last = full.split(".")[-1]
-    return any(last in p and fnmatch.fnmatchcase(full, p) for p in targets)
+    return any(p.endswith(last) and fnmatch.fnmatchcase(full, p) for p in targets)
 
 
 def is_linear_target(full: str, relative: str, module: nn.Module, targets: list[str], ignore: list[str]) -> bool:
@@ -195,10 +195,25 @@ def check_block_weights(model: nn.Module, ignore: list[str] | None = None) -> No
             f"'{unsupported[0].split(' ')[0].rpartition('.')[0]}'")
 
 
+def check_router_requests(model: nn.Module, targets: list[str] | None) -> None:
+    """A ``targets`` pattern that names a router which is not an ``nn.Linear`` (transformers 5.x
+    ``*TopKRouter`` modules hold a bare weight) would select nothing: say so."""
+    path, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for rel, module in block.named_modules():
+            full = f"{path}.{index}.{rel}"
+            if rel and is_router(rel, module) and not isinstance(module, nn.Linear) \
+                    and router_requested(full, targets or ["*"]):
+                raise ConfigError("targets", f"{full} is a {type(module).__name__}, not a linear layer: pruning "
+                                  "this router is not supported", "patterns naming linear routers "
+                                  "(e.g. '*.shared_expert_gate'), or none")
+
+
 def model_targets(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None):
     """Every pruning target of every kind (``wanda.targets.Target``), block by block."""
     from .targets import block_targets
 
+    check_router_requests(model, targets)
     path, blocks = find_blocks(model)
     return [t for index, block in enumerate(blocks) for t in block_targets(block, f"{path}.{index}", targets, ignore)]
 
@@ -214,6 +229,7 @@ def discover(model: nn.Module, targets: list[str] | None = None, ignore: list[st
     targets = targets or ["*"]
     ignore = ignore or []
     check_block_weights(model, ignore)
+    check_router_requests(model, targets)
     path, blocks = find_blocks(model)
     per_block: list[tuple[str, ...]] = []
     for index, block in enumerate(blocks):

@@ -167,21 +167,20 @@ def expert_intermediate(container: nn.Module, expert: int, rows: torch.Tensor) -
 
 @torch.no_grad()
 def expert_input_rows(container: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                      all_experts: bool = False) -> tuple[dict[tuple[str, int], torch.Tensor], list[int]]:
-    """Per ``(param, expert)`` the 2-D input rows that matrix sees, and the routed token count
-    per expert. ``all_experts`` feeds every token to every expert (statistics only)."""
+                      all_experts: bool = False, counts: list[int] | None = None):
+    """Yield ``(param, expert, rows)``: the 2-D input rows each expert matrix sees, one expert at a
+    time so only one expert's rows are alive. ``counts`` (if given) receives the routed token
+    count per expert; ``all_experts`` feeds every token to every expert (statistics only)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     index = top_k_index.reshape(hidden.shape[0], -1)
     first, second = expert_param_names(container)
-    rows: dict[tuple[str, int], torch.Tensor] = {}
-    counts = []
     for expert in range(num_experts(container)):
         tokens = routed_tokens(index, expert)
-        counts.append(int(tokens.numel()))
+        if counts is not None:
+            counts.append(int(tokens.numel()))
         x = hidden if all_experts else hidden[tokens]
-        rows[(first, expert)] = x
-        rows[(second, expert)] = expert_intermediate(container, expert, x)
-    return rows, counts
+        yield first, expert, x
+        yield second, expert, expert_intermediate(container, expert, x)
 
 
 class ExpertObserver:
@@ -210,14 +209,14 @@ class ExpertObserver:
 
         def hook(module, args, kwargs):
             hidden, index = _routing(args, kwargs)
-            rows, counts = expert_input_rows(module, hidden, index,
-                                             all_experts=self.policy.mode == "calibrate_all_experts")
+            counts: list[int] = []
+            for param, expert, x in expert_input_rows(module, hidden, index, counts=counts,
+                                                      all_experts=self.policy.mode == "calibrate_all_experts"):
+                if (param, expert) in wanted:
+                    self.sink(expert_target_name(name, param, expert), x)
             acc = self.tokens.setdefault(name, [0] * len(counts))
             for expert, count in enumerate(counts):
                 acc[expert] += count
-            for (param, expert), x in rows.items():
-                if (param, expert) in wanted:
-                    self.sink(expert_target_name(name, param, expert), x)
 
         return hook
 
