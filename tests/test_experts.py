@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.reference_moe import moe_blocks, reference_expert_masks, reference_expert_norms
+from tests.tiny import tiny_model
 from tests.tiny_moe import MOE_FAMILIES, tiny_moe_model
 from wanda.architecture import find_blocks, model_targets
 from wanda.experts import (ExpertPolicy, ExpertStatisticsCollector, apply_expert_policy, expert_metadata,
@@ -178,3 +179,39 @@ def test_tokens_per_expert_table_and_plot(tmp_path):
     path = tokens_per_expert_plot(tokens_seen, tmp_path / "tokens.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tokens_per_expert_plot({}, tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_block_by_block_walk_observes_what_the_full_forward_does(family):
+    """The driver's walk (captured block calls, one block at a time) feeds the observer the same
+    rows as a whole-model forward: nothing in the hook depends on the model around the block."""
+    from wanda.blocks import capture_block_calls, capture_block_inputs, run_block_over
+
+    model = tiny_moe_model(family)  # float32: grouped_mm (the CPU default) has no float64 kernel
+    targets, full_stats, full_tokens, _ = collect(model)
+    path, blocks = find_blocks(model)
+    calls = capture_block_calls(model, blocks, TOKENS[:1])
+    hidden = capture_block_inputs(model, blocks, TOKENS, batch_size=2)
+    stats = ActivationStatistics()
+    tokens_seen = {}
+    for index, (block, call) in enumerate(zip(blocks, calls)):
+        with ExpertStatisticsCollector(block, f"{path}.{index}", targets, stats) as collector:
+            hidden = run_block_over(block, hidden, call)
+        tokens_seen.update(collector.tokens)
+    assert tokens_seen == full_tokens
+    for target in targets:
+        # batches of 2 rows instead of 4: float32 matmul rounding in the blocks, nothing else
+        torch.testing.assert_close(stats[target.name].sumsq, full_stats[target.name].sumsq, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_moe_models_get_an_experts_implementation_that_runs():
+    from wanda.experts import usable_experts_implementation
+
+    model = tiny_moe_model("mixtral", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Double"):  # what transformers' default does on CPU
+        with torch.no_grad():
+            model(input_ids=TOKENS[:1], use_cache=False)
+    assert usable_experts_implementation(model) == "batched_mm"
+    _, stats, _, logits = collect(model, tokens=TOKENS[:1])
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+    assert usable_experts_implementation(tiny_model("llama")) is None  # no experts: nothing to choose

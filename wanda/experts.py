@@ -311,6 +311,22 @@ def tokens_per_expert_table(tokens: dict[str, list[int]]) -> list[dict[str, obje
     return rows
 
 
+def usable_experts_implementation(model: nn.Module) -> str | None:
+    """Switch a float64 MoE model off ``grouped_mm`` (transformers' CPU default, which has no
+    float64 kernel and fails mid-forward) to ``batched_mm``; returns the implementation in use.
+    The observer sees the routing under either, so statistics do not depend on the choice."""
+    containers = expert_containers(model)
+    if not containers:
+        return None
+    config = model.config
+    current = getattr(config, "_experts_implementation", None)
+    if current == "grouped_mm" and getattr(containers[0][1], "down_proj").dtype == torch.float64:
+        log.info("float64 experts: using experts_implementation 'batched_mm' (grouped_mm has no float64 kernel)")
+        model.set_experts_implementation("batched_mm")
+        current = "batched_mm"
+    return current
+
+
 def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
