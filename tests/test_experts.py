@@ -215,3 +215,15 @@ def test_float64_moe_models_get_an_experts_implementation_that_runs():
     _, stats, _, logits = collect(model, tokens=TOKENS[:1])
     assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
     assert usable_experts_implementation(tiny_model("llama")) is None  # no experts: nothing to choose
+
+
+def test_load_model_gives_a_float64_moe_model_that_runs(tmp_path):
+    from tests.tiny import tiny_tokenizer
+    from wanda.model_io import load_model
+
+    model = tiny_moe_model("olmoe")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(str(tmp_path / "m"), dtype="float64")
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=TOKENS[:1], use_cache=False).logits).all()

@@ -115,6 +115,9 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
     if device_map is None:
         model.to(device)
     model.eval()
+    from .experts import usable_experts_implementation
+
+    usable_experts_implementation(model)  # float64 MoE: grouped_mm has no kernel
     return model, load_tokenizer(source)
 
 
