@@ -13,15 +13,12 @@ that is neither a linear layer, a GPT-2 ``Conv1D``, a supported experts containe
 from __future__ import annotations
 
 import fnmatch
-import logging
 from dataclasses import dataclass
 
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitectureError
 from .experts import container_parameter_names, expert_containers, is_conv1d, is_experts_container
-
-log = logging.getLogger(__name__)
 
 NEVER_PRUNED = ("lm_head", "embed", "wte", "wpe", "embed_out")
 # Routers decide which experts see a token; pruning them changes the routing itself, so they stay
