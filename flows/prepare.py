@@ -77,7 +77,11 @@ def _preflight(params: PipelineParams) -> list[str]:
     from wanda.model_io import resolve_source
 
     warnings: list[str] = []
-    resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
+    source = resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
+    if source.kind == "dir":  # encoders and encoder-decoders are refused from config.json alone
+        from wanda.architecture import check_source_decoder_only
+
+        check_source_decoder_only(source.location)
     _config, note = params.calibration.resolve()
     if note:
         warnings.append(note)

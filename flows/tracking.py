@@ -401,6 +401,10 @@ def sparsity_metrics(report: Mapping[str, Any] | None) -> dict[str, float]:
     if not report:
         return {}
     metrics = {"sparsity": float(report["overall"])} if "overall" in report else {}
+    for key, name in (("block_sparsity", "sparsity.block"), ("coverage", "sparsity.coverage"),
+                      ("model_sparsity", "sparsity.model")):
+        if key in report:  # whole-model accounting (wanda.accounting), when the masks stage recorded it
+            metrics[name] = float(report[key])
     for layer, info in (report.get("layers") or {}).items():
         value = info["sparsity"] if isinstance(info, Mapping) else info
         metrics[f"sparsity.layer.{layer}"] = float(value)

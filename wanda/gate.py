@@ -28,6 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PPL_KEYS = ("perplexity",)
 MEAN_ACC_PREFIX = "zeroshot.mean_"
 SPARSITY_KEYS = ("sparsity", "sparsity.overall", "actual_sparsity")
+# Whole-model accounting (``sparsity_report(..., accounting=)``): zeros among all decoder-block
+# weights and the fraction of those weights that were pruning targets.
+BLOCK_SPARSITY_KEYS = ("sparsity.block", "block_sparsity")
+COVERAGE_KEYS = ("sparsity.coverage", "coverage")
 LATENCY_KEYS = ("latency_ms", "latency.mean_ms", "latency.p50_ms")
 SPEEDUP_KEYS = ("speedup",)
 
@@ -40,7 +44,12 @@ class GateCriteria(BaseModel):
     max_ppl_increase_rel: float | None = Field(0.25, ge=0.0, description="candidate/dense perplexity - 1")
     max_ppl_increase_abs: float | None = Field(None, ge=0.0, description="candidate - dense perplexity")
     max_mean_acc_drop: float | None = Field(0.05, ge=0.0, le=1.0, description="dense - candidate mean accuracy (0..1)")
-    min_sparsity: float | None = Field(0.0, ge=0.0, le=1.0, description="actual overall sparsity of pruned layers")
+    min_sparsity: float | None = Field(
+        0.0, ge=0.0, le=1.0,
+        description="actual sparsity: zeros among all decoder-block weights (the masked layers' figure when no "
+                    "block-wide figure was recorded)")
+    min_coverage: float | None = Field(
+        0.95, ge=0.0, le=1.0, description="fraction of decoder-block weights that were pruning targets")
     min_speedup: float | None = Field(None, gt=0.0, description="dense latency / candidate latency")
     require_speed: bool = Field(False, description="fail when no latency figure exists")
     champion_margin: float | None = Field(
@@ -64,6 +73,8 @@ class GateMetrics(BaseModel):
     perplexity: float | None = None
     mean_acc: float | None = None
     sparsity: float | None = None
+    block_sparsity: float | None = None  # zeros among all decoder-block weights
+    coverage: float | None = None  # fraction of decoder-block weights that were targets
     latency_ms: float | None = None
     speedup: float | None = None  # when measured directly against the dense engine
     eval_tokens_digest: str | None = None  # perplexity tokens: equal digests => comparable
@@ -87,6 +98,8 @@ class GateMetrics(BaseModel):
             perplexity=first(PPL_KEYS),
             mean_acc=float(metrics[mean_keys[0]]) if mean_keys else None,
             sparsity=first(SPARSITY_KEYS),
+            block_sparsity=first(BLOCK_SPARSITY_KEYS),
+            coverage=first(COVERAGE_KEYS),
             latency_ms=first(LATENCY_KEYS),
             speedup=first(SPEEDUP_KEYS),
         )
@@ -214,9 +227,9 @@ def decide(
         checks.append(_accuracy_check(cand, base, criteria))
 
     if criteria.min_sparsity is not None:
-        ok = _finite(cand.sparsity) and cand.sparsity >= criteria.min_sparsity - 1e-9
-        checks.append(Check(criterion="min_sparsity", value=cand.sparsity, threshold=criteria.min_sparsity, ok=ok,
-                            note="" if cand.sparsity is not None else "actual sparsity not recorded"))
+        checks.append(_sparsity_check(cand, criteria.min_sparsity))
+    if criteria.min_coverage is not None:
+        checks.append(_coverage_check(cand, criteria.min_coverage))
 
     if criteria.min_speedup is not None:
         speedup = _speedup(cand, base)
@@ -233,6 +246,30 @@ def decide(
     passed = all(c.ok for c in checks)
     return GateDecision(passed=passed, reasons=checks, criteria=criteria, candidate=cand, dense=base,
                         champion=champ, lineage_ok=lineage_ok)
+
+
+def _sparsity_check(cand: GateMetrics, threshold: float) -> Check:
+    """The block-wide figure when recorded: a report over the masked layers alone says 0.5 for a
+    MoE model whose experts were never pruned."""
+    if cand.block_sparsity is not None:
+        value, note = cand.block_sparsity, "zeros among all decoder-block weights"
+    elif cand.sparsity is not None:
+        value, note = cand.sparsity, "masked layers only: no block-wide figure recorded"
+    else:
+        value, note = None, "actual sparsity not recorded"
+    return Check(criterion="min_sparsity", value=value, threshold=threshold,
+                 ok=_finite(value) and value >= threshold - 1e-9, note=note)
+
+
+def _coverage_check(cand: GateMetrics, threshold: float) -> Check:
+    """Rejects a candidate that pruned only part of the decoder. Candidates recorded before the
+    whole-model accounting have no coverage: the check says so and passes."""
+    if cand.coverage is None:
+        return Check(criterion="min_coverage", value="not recorded", threshold=threshold, ok=True,
+                     note="no coverage figure (recorded before whole-model accounting); not checked")
+    return Check(criterion="min_coverage", value=cand.coverage, threshold=threshold,
+                 ok=_finite(cand.coverage) and cand.coverage >= threshold - 1e-9,
+                 note="fraction of decoder-block weights that were pruning targets")
 
 
 def _accuracy_check(cand: GateMetrics, base: GateMetrics | None, criteria: GateCriteria) -> Check:

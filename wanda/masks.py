@@ -139,13 +139,22 @@ def layer_sparsity(mask: torch.Tensor) -> float:
     return float(mask.sum()) / mask.numel()
 
 
-def sparsity_report(masks: dict[str, torch.Tensor]) -> dict:
-    """Per-layer and overall fraction of pruned weights among the masked layers."""
+def sparsity_report(masks: dict[str, torch.Tensor], accounting=None) -> dict:
+    """Per-layer and overall fraction of pruned weights among the masked layers.
+
+    With ``accounting`` (``wanda.accounting.whole_model_accounting`` of the pruned model) the
+    report adds ``block_sparsity`` (zeros among all decoder-block weights), ``coverage`` (the
+    fraction of those weights that were targets), ``model_sparsity`` (embeddings and lm_head
+    included) and their counts; the other fields are unchanged.
+    """
     layers = {name: {"pruned": int(mask.sum()), "total": mask.numel(), "sparsity": round(layer_sparsity(mask), 6)}
               for name, mask in masks.items()}
     pruned = sum(v["pruned"] for v in layers.values())
     total = sum(v["total"] for v in layers.values())
-    return {"overall": round(pruned / total, 6) if total else 0.0, "pruned": pruned, "total": total, "layers": layers}
+    report = {"overall": round(pruned / total, 6) if total else 0.0, "pruned": pruned, "total": total, "layers": layers}
+    if accounting is not None:
+        report.update(accounting.report_fields())
+    return report
 
 
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict | None = None,

@@ -107,10 +107,17 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
     if device_map is not None:
         kwargs["device_map"] = check_device_map(device_map)
     log.info("loading model %s as %s", source.describe(), dtype)
+    if source.kind == "dir":  # refuse encoders by name before AutoModelForCausalLM attaches a head
+        from .architecture import check_source_decoder_only
+
+        check_source_decoder_only(source.location)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
     if device_map is None:
         model.to(device)
     model.eval()
+    from .experts import usable_experts_implementation
+
+    usable_experts_implementation(model)  # float64 MoE: grouped_mm has no kernel
     return model, load_tokenizer(source)
 
 

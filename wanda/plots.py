@@ -95,3 +95,33 @@ def block_sparsity_plot(reports: Mapping[str, Mapping[str, Any]], path: str | Pa
     with atomic_temp_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     return path
+
+
+def tokens_per_expert_plot(tokens: Mapping[str, list[int]], path: str | Path) -> Path | None:
+    """Heat map: routed calibration tokens per expert (columns) per experts container (rows, one
+    per MoE block), with the counts written in; starved experts show as the palest cells.
+    None when there is no experts container."""
+    if not tokens:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = sorted(tokens, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    width = max(len(tokens[n]) for n in names)
+    grid = [[tokens[n][e] if e < len(tokens[n]) else 0 for e in range(width)] for n in names]
+    fig = Figure(figsize=(min(16.0, 2.5 + 0.35 * width), min(12.0, 1.5 + 0.3 * len(names))), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="routed calibration tokens")
+    if width * len(names) <= 400:  # counts stay legible
+        for row, counts in enumerate(grid):
+            for col, count in enumerate(counts):
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=6, color="w")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("experts container")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    path = Path(path)
+    with atomic_temp_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path

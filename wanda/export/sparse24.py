@@ -132,6 +132,15 @@ def compliance_report(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
     return ComplianceReport(layers=[check_24(w, name) for name, w in items])
 
 
+def target_compliance_report(model, targets: list[str] | None = None,
+                             ignore: list[str] | None = None) -> ComplianceReport:
+    """2:4 compliance of every pruning target of every kind, by target name: linear layers,
+    Conv1D (checked in its [out, in] view) and each expert matrix (``...experts.down_proj[7]``)."""
+    from ..architecture import model_targets
+
+    return compliance_report((t.name, t.weight(model)) for t in model_targets(model, targets, ignore))
+
+
 def canonicalize_zeros(weight: torch.Tensor) -> torch.Tensor:
     """Same tensor with every ``-0.0`` replaced by ``+0.0`` (NaN and nonzeros untouched)."""
     return torch.where(weight == 0, torch.zeros_like(weight), weight)

@@ -294,6 +294,14 @@ def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConf
     """The TRT-LLM config of a transformers LLaMA-family model (refuses other architectures)."""
     _refuse_moe(model)
     kind = model_type(model)
+    from ..experts import expert_containers
+
+    moe = expert_containers(model)
+    if moe:  # named first: a Mixtral must not read as a mere unknown model type
+        raise UnsupportedArchitectureError(
+            f"TensorRT-LLM checkpoint export does not write mixture-of-experts models: model_type {kind!r} has "
+            f"{len(moe)} experts containers ({moe[0][0]}, ...); export it with TensorRT-LLM's own MoE converter "
+            f"from the pruned model folder (supported here: {', '.join(sorted(ARCHITECTURES))})")
     if kind not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"TensorRT-LLM export supports model_type {', '.join(sorted(ARCHITECTURES))}; "
