@@ -306,9 +306,9 @@ def decision_markdown(outcome: ReleaseOutcome) -> str:
 
 
 def _artifact_key(model: str) -> str:
-    # Prefect keys: lowercase letters, digits and dashes only.
-    key = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-    return f"gate-{key}"[:100]
+    from .reporting import artifact_key
+
+    return artifact_key("gate", model)
 
 
 def _table_rows(outcome: ReleaseOutcome) -> list[dict[str, str]]:

@@ -68,11 +68,17 @@ def publish_pipeline(root: Path, paths, outcomes: list[StageOutcome]) -> None:
                              description="Perplexity (and zero-shot accuracy) of the pruned model vs dense")
 
 
+def artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes only (at most 100)."""
+    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return f"{prefix}-{key}"[:100]
+
+
 def publish_sweep(name: str, table_md: str, rows: list[dict[str, Any]], plot: Path | None,
                   outcomes: list[StageOutcome]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    key = "wanda-sweep-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    key = artifact_key("wanda-sweep", name)
     create_table_artifact(key=f"{key}-stages", table=redact_value(outcomes_table(outcomes)),
                           description=f"Stages of sweep {name}: cached, restored or ran")
     if rows:
