@@ -16,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from wanda.lineage import (ArtifactCheck, DvcOut, LineageRecord, Located, check_in_caches, dvc_md5, lineage_ok,
+from tasks.lineage import (ArtifactCheck, DvcOut, LineageRecord, Located, check_in_caches, dvc_md5, lineage_ok,
                            listing_md5, md5_file, model_dir_md5s, model_fingerprint_from, sha256_file, verify_lineage)
+from tasks.params import TrackingConfig
 from wanda.model_io import fingerprint as model_fingerprint
 
-from .tracking import (LINEAGE_ARTIFACT, TAG, TrackingConfig, dvc_caches, get_client, registered_model_dir,
-                       resolve_tracking)
+from .dvc_places import dvc_caches
+from .mlflow_uris import TAG, get_client, resolve_tracking
+from .redact import redact
+from .registry import registered_model_dir
+from .tracking import LINEAGE_ARTIFACT
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -273,7 +277,7 @@ def audit(
     return AuditReport(
         model=version.name, version=str(version.version), ref=str(ref),
         aliases=list(getattr(version, "aliases", []) or []), source=version.source, run_id=version.run_id,
-        tracking_uri=resolved.tracking_uri, version_tags=tags, lineage=record, metrics=metrics, gate=gate,
+        tracking_uri=redact(resolved.tracking_uri), version_tags=tags, lineage=record, metrics=metrics, gate=gate,
         checks=checks, ok=ok, problems=problems,
     )
 
@@ -331,4 +335,49 @@ def format_report(report: AuditReport) -> str:
                      + (f" @ {check.where}" if check.where else "") + (f" — {check.note}" if check.note else ""))
     lines += ["", "AUDIT OK" if report.ok else f"AUDIT FAILED: {len(report.problems)} problem(s)"]
     lines += [f"  - {p}" for p in report.problems]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: no pipes or newlines from the value break the table."""
+    return " ".join(str("" if value is None else value).split()).replace("|", "\\|")
+
+
+def format_markdown(report: AuditReport) -> str:
+    """The audit as a markdown report to attach to a release ticket: verdict first, then the
+    chain back to the base weights, every stage, the metrics, the gate and every check."""
+    verdict = "**AUDIT OK**" if report.ok else f"**AUDIT FAILED**: {len(report.problems)} problem(s)"
+    lines = [f"# Audit of `{report.model}` version {report.version}", "", verdict, ""]
+    lines += [f"- {_cell(p)}" for p in report.problems] + ([""] if report.problems else [])
+    lines += ["| | |", "|---|---|", f"| reference | `{_cell(report.ref)}` |",
+              f"| aliases | {_cell(', '.join(report.aliases) or 'none')} |", f"| source | `{_cell(report.source)}` |",
+              f"| run | `{_cell(report.run_id)}` |", f"| tracking | `{_cell(report.tracking_uri)}` |"]
+    rec = report.lineage
+    if rec is not None:
+        lines += [f"| base model | `{_cell(rec.base_model_fingerprint)}` ({_cell(rec.base_model_source)}) |",
+                  f"| calibration | {_cell(rec.calibration_source)}, tokens `{_cell(rec.calibration_token_digest)}` |",
+                  f"| pruned model | `{_cell(rec.pruned_model_fingerprint)}` |",
+                  f"| code commit | `{_cell(rec.code_commit)}`" + (" (uncommitted changes)" if rec.code_dirty else "") + " |",
+                  f"| dvc.lock sha256 | `{_cell(rec.dvc_lock_sha256)}` |", f"| lineage digest | `{_cell(rec.digest)}` |",
+                  f"| versions | {_cell(', '.join(f'{k} {v}' for k, v in sorted(rec.versions.items())))} |",
+                  "", "## Stages", "", "| stage | status | folder | code digest | wall s | outputs |",
+                  "|---|---|---|---|---:|---|"]
+        for name, stage in rec.stages.items():
+            outs = [f"{rel} sha256 {digest[:12]}" for rel, digest in stage.outputs.items()]
+            outs += [f"dvc {o.path} md5 {o.md5[:12]}" for o in rec.dvc_outs if o.stage == name]
+            wall = f"{stage.wall_s:.1f}" if stage.wall_s is not None else ""
+            status = stage.status + (f": {stage.reason}" if stage.reason else "")
+            lines.append(f"| {name} | {_cell(status)} | `{_cell(stage.folder)}` | "
+                         f"`{_cell(stage.code_version.get('code_digest'))}` | {wall} | {_cell('; '.join(outs))} |")
+    if report.metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {_cell(k)} | {v:.6g} |" for k, v in sorted(report.metrics.items())
+                  if not k.startswith(("sparsity.layer.", "latency."))]
+    lines += ["", "## Gate", ""] + ([f"- `{_cell(k)}`: {_cell(v)}" for k, v in sorted(report.gate.items())]
+                                    or ["not gated"])
+    lines += ["", "## Verification", "", "| status | kind | path | expected | actual | where | note |",
+              "|---|---|---|---|---|---|---|"]
+    for c in report.checks:
+        lines.append(f"| {c.status.upper()} | {c.kind} | `{_cell(c.path)}` | `{_cell(c.expected)}` | "
+                     f"{'' if c.status == 'ok' else '`' + _cell(c.actual) + '`'} | {_cell(c.where)} | {_cell(c.note)} |")
     return "\n".join(lines) + "\n"

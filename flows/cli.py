@@ -206,8 +206,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.redact import install
     from wanda.errors import ConfigError
 
+    install()  # every print and log line of this process goes through the credential redaction
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

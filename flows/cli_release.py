@@ -80,6 +80,8 @@ def add_audit_parser(sub) -> argparse.ArgumentParser:
                             "the artifacts still hash to what was recorded")
     parser.add_argument("model", help="NAME@ALIAS, NAME/VERSION or NAME (= NAME@champion)")
     _tracking_options(parser)
+    parser.add_argument("--markdown", action="store_true", help="a markdown report to attach to a release ticket "
+                        "(--json: the whole lineage and every check as JSON); exit codes as without")
     return parser
 
 
@@ -105,7 +107,8 @@ def _config_error(section: str, exc: ValidationError):
 
 def tracking_config(args, root: Path):
     """``tracking`` section of the params file, overridden by the command-line flags."""
-    from flows.tracking import TrackingConfig, tracking_config_from_params
+    from flows.tracking import tracking_config_from_params
+    from tasks.params import TrackingConfig
 
     config = tracking_config_from_params(root, args.params)
     values = {key: getattr(args, key) for key in ("tracking_uri", "registered_model", "experiment")
@@ -119,7 +122,7 @@ def tracking_config(args, root: Path):
 def gate_criteria(args, root: Path):
     """``gate`` section of the params file, overridden by the command-line flags."""
     from flows.release import criteria_from_params
-    from wanda.gate import GateCriteria
+    from tasks.params import GateCriteria
 
     values = criteria_from_params(root, args.params).model_dump()
     given = vars(args)
@@ -132,11 +135,21 @@ def gate_criteria(args, root: Path):
 
 
 def cmd_track(args) -> int:
+    from flows.freshness import StaleState, check_trackable
     from flows.tracking import track_pipeline_run
 
     root = _root(args)
+    config = tracking_config(args, root)  # bad tracking parameters fail first (exit 2)
+    try:  # before anything is logged: a stale or mismatched workspace is never registered
+        check_trackable(root, args.params)
+    except StaleState as exc:
+        print("wanda-pipeline: track refused: the workspace is not the state dvc.lock records "
+              "(run `wanda-pipeline run` first):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_FAILED
     logged = track_pipeline_run(root, args.params, args.flow_run_id, register=not args.no_register,
-                                config=tracking_config(args, root))
+                                config=config)
     if args.json:
         print(logged.model_dump_json(indent=2))
     else:
@@ -168,11 +181,17 @@ def cmd_release(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from flows.audit import audit, format_report
+    from flows.audit import audit, format_markdown, format_report
+    from wanda.errors import ConfigError
 
+    if args.json and args.markdown:
+        raise ConfigError("audit", "--json and --markdown exclude each other", "--json, --markdown or neither")
     root = _root(args)
     report = audit(args.model, root, tracking_config(args, root))
-    print(report.model_dump_json(indent=2) if args.json else format_report(report), end="" if not args.json else "\n")
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(format_markdown(report) if args.markdown else format_report(report), end="")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -181,7 +200,10 @@ COMMANDS = {"track": cmd_track, "release": cmd_release, "audit": cmd_audit}
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry with the same conventions as ``wanda-pipeline``."""
+    from flows.redact import install
     from wanda.errors import ConfigError
+
+    install()
 
     parser = argparse.ArgumentParser(prog="wanda-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

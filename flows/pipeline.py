@@ -17,6 +17,7 @@ from tasks.params import PipelineParams
 
 from . import dvc
 from .execution import StagePlan, StageOutcome, run_sequential
+from .redact import install_logging, redact_value
 from .reporting import publish_pipeline
 from .prepare import content_force_reasons, open_run
 
@@ -58,6 +59,7 @@ def prune_pipeline(params_file: str | None = None, overrides: list[str] | None =
     raises on the first failing stage (DVC keeps every stage that finished before it) and
     with ``GateRejected`` when the gate rejects the candidate.
     """
+    install_logging()  # a worker runs this flow without the CLI: its records are redacted too
     logger = get_run_logger()
     started = time.perf_counter()
     root, params = open_run(repo, params_file, overrides, logger)
@@ -75,13 +77,14 @@ def prune_pipeline(params_file: str | None = None, overrides: list[str] | None =
         result["tracking"], result["release"] = _track_and_release(root, release, logger)
     result["seconds"] = round(time.perf_counter() - started, 3)
     logger.info("pipeline done in %.1fs; stages that did work: %s", result["seconds"], ", ".join(worked) or "none")
-    return result
+    return redact_value(result)  # Prefect stores the flow's result
 
 
 def _track_and_release(root: Path, release: bool, logger) -> tuple[dict, dict | None]:
     """One MLflow run per pipeline run, the pruned model registered as a new version; the gate
     judges exactly that version (not "the newest", which a concurrent run may have added)."""
-    from .tracking import current_flow_run_id, track_pipeline_run
+    from .run_inputs import current_flow_run_id
+    from .tracking import track_pipeline_run
 
     logged = track_pipeline_run(root, flow_run_id=current_flow_run_id())
     logger.info("MLflow run %s in %s; registered %s version %s", logged.run_id, logged.tracking_uri,

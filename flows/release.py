@@ -1,7 +1,7 @@
 """Release gate: ``release_gate`` (Prefect flow) and ``run_release`` (plain function).
 
 One gate run: take the lock for the registered model, read the current ``champion``, verify the
-candidate's lineage against the bytes, decide with :func:`wanda.gate.decide`, then either move
+candidate's lineage against the bytes, decide with :func:`flows.gate_policy.decide`, then either move
 ``champion`` to the candidate (the old champion becomes ``previous``) or tag the candidate
 ``rejected``. The decision is written as JSON (and logged to the candidate's run) and, in the
 flow, as a Prefect table artifact; a rejection raises :class:`GateRejected`, so a scheduled flow
@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pydantic import BaseModel, Field
 
+from tasks.lineage import ArtifactCheck, lineage_ok
+from tasks.params import GateCriteria, TrackingConfig
 from wanda.atomic import write_json
 from wanda.errors import WandaError
-from wanda.gate import GateCriteria, GateDecision, GateMetrics, decide
-from wanda.lineage import ArtifactCheck, lineage_ok
 
 from .audit import ModelRef, get_version, parse_ref, verify_version
-from .tracking import (TAG, ResolvedTracking, TrackingConfig, get_client, params_section, resolve_tracking,
-                       tracking_config_from_params)
+from .gate_policy import GateDecision, GateMetrics, decide
+from .mlflow_uris import TAG, ResolvedTracking, get_client, resolve_tracking, safe_name
+from .redact import install_logging, redact, redact_value
+from .tracking import params_section, tracking_config_from_params
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -93,15 +95,11 @@ def gate_lock(client: "MlflowClient", resolved: ResolvedTracking, model: str, ti
               stale_after_s: float = 900.0) -> Iterator[None]:
     """Serialize gate runs for ``model`` (see the module docstring)."""
     if resolved.local and resolved.store_dir is not None:
-        with _file_lock(resolved.store_dir / f".gate-{_safe(model)}.lock", timeout_s):
+        with _file_lock(resolved.store_dir / f".gate-{safe_name(model)}.lock", timeout_s):
             yield
     else:
         with _registry_lock(client, f"{model}.gate-lock", timeout_s, stale_after_s):
             yield
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 @contextmanager
@@ -308,9 +306,9 @@ def decision_markdown(outcome: ReleaseOutcome) -> str:
 
 
 def _artifact_key(model: str) -> str:
-    # Prefect keys: lowercase letters, digits and dashes only.
-    key = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-    return f"gate-{key}"[:100]
+    from .reporting import artifact_key
+
+    return artifact_key("gate", model)
 
 
 def _table_rows(outcome: ReleaseOutcome) -> list[dict[str, str]]:
@@ -339,10 +337,11 @@ if flow is not None:
     ) -> dict[str, Any]:
         """The gate as a Prefect flow: a table artifact per decision; a rejection fails the run.
         ``criteria``/``tracking`` default to the sections of ``root/params.yaml``."""
+        install_logging()
         outcome = run_release(candidate, criteria, TrackingConfig(**tracking) if tracking else None, root,
                               decision_path)
-        create_table_artifact(key=_artifact_key(outcome.model), table=_table_rows(outcome),
-                              description=decision_markdown(outcome))
+        create_table_artifact(key=_artifact_key(outcome.model), table=redact_value(_table_rows(outcome)),
+                              description=redact(decision_markdown(outcome)))
         if not outcome.passed:
             raise GateRejected(outcome)
-        return outcome.model_dump(mode="json")
+        return redact_value(outcome.model_dump(mode="json"))

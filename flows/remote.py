@@ -113,7 +113,7 @@ def configure(root: Path, params: RemoteParams, sink: Callable[[str], None] | No
     url = params.dvc_remote or os.environ.get(REMOTE_ENV, "").strip() or None
     name = params.dvc_remote_name
     if url is None:
-        from .tracking import dvc_remote_url
+        from .dvc_places import dvc_remote_url
 
         if dvc_remote_url(root) is None:
             raise ConfigError("dvc_remote", f"no DVC remote: pass dvc_remote, set ${REMOTE_ENV}, or configure "

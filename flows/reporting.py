@@ -1,4 +1,6 @@
-"""Prefect artifacts: what a run did, the per-layer sparsity, the metrics and comparisons."""
+"""Prefect artifacts: what a run did, the per-layer sparsity, the metrics and comparisons.
+
+Everything handed to Prefect is redacted (:mod:`flows.redact`): it is stored in its database."""
 from __future__ import annotations
 
 import json
@@ -7,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .execution import StageOutcome, outcomes_table
+from .redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +55,34 @@ def publish_pipeline(root: Path, paths, outcomes: list[StageOutcome]) -> None:
     """Table of stages, per-layer sparsity table and the metrics, as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_table_artifact(key="wanda-pipeline-stages", table=outcomes_table(outcomes),
+    create_table_artifact(key="wanda-pipeline-stages", table=redact_value(outcomes_table(outcomes)),
                           description="What each stage did in this run: cached (DVC up to date), unchanged, "
                                       "restored (DVC run cache) or ran; wall time and memory from its manifest")
     sparsity = _json(root / paths.masks / "sparsity.json")
     rows = layer_sparsity_rows(sparsity)
     if rows:
-        create_table_artifact(key="wanda-layer-sparsity", table=rows, description="Fraction of pruned weights per layer")
-    create_markdown_artifact(key="wanda-metrics", markdown=metrics_markdown(root, paths.masks, paths.evaluate),
+        create_table_artifact(key="wanda-layer-sparsity", table=redact_value(rows),
+                              description="Fraction of pruned weights per layer")
+    create_markdown_artifact(key="wanda-metrics",
+                             markdown=redact(metrics_markdown(root, paths.masks, paths.evaluate)),
                              description="Perplexity (and zero-shot accuracy) of the pruned model vs dense")
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes only (at most 100)."""
+    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return f"{prefix}-{key}"[:100]
 
 
 def publish_sweep(name: str, table_md: str, rows: list[dict[str, Any]], plot: Path | None,
                   outcomes: list[StageOutcome]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    key = "wanda-sweep-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    create_table_artifact(key=f"{key}-stages", table=outcomes_table(outcomes),
+    key = artifact_key("wanda-sweep", name)
+    create_table_artifact(key=f"{key}-stages", table=redact_value(outcomes_table(outcomes)),
                           description=f"Stages of sweep {name}: cached, restored or ran")
     if rows:
-        create_table_artifact(key=f"{key}-points", table=rows, description=f"Sweep {name}: one row per point")
+        create_table_artifact(key=f"{key}-points", table=redact_value(rows),
+                              description=f"Sweep {name}: one row per point")
     text = table_md + (f"\nPlot: `{plot}`\n" if plot else "")
-    create_markdown_artifact(key=key, markdown=text, description=f"Sweep {name}: comparison table and plot")
+    create_markdown_artifact(key=key, markdown=redact(text), description=f"Sweep {name}: comparison table and plot")

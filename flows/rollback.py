@@ -20,7 +20,10 @@ from pydantic import BaseModel
 from wanda.errors import ConfigError, WandaError
 
 from .release import CHAMPION, PREVIOUS, _alias_version, gate_lock
-from .tracking import TAG, TrackingConfig, get_client, resolve_tracking, tracking_config_from_params
+from tasks.params import TrackingConfig
+
+from .mlflow_uris import TAG, get_client, resolve_tracking
+from .tracking import tracking_config_from_params
 
 log = logging.getLogger(__name__)
 

@@ -192,11 +192,12 @@ def code_version(spec: graph.StageSpec, root: Path) -> dict[str, Any]:
             if file.is_file() and "__pycache__" not in file.parts:
                 files[file.relative_to(root).as_posix()] = sha256_file(file)
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    commit, dirty = _git(root)
+    commit, dirty = git_state(root)
     return {"git_commit": commit, "git_dirty": dirty, "code_digest": digest, "files": files}
 
 
-def _git(root: Path) -> tuple[str | None, bool | None]:
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the repository holding ``root``; ``(None, None)`` outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None

@@ -25,10 +25,11 @@ from wanda.calibration import CalibrationConfig
 from wanda.config import PruneConfig, parse_pattern
 from wanda.data import TextSource, resolve_path
 from wanda.errors import ConfigError
-from wanda.gate import GateCriteria
 from wanda.evaluation.perplexity import PerplexityConfig
 from wanda.evaluation.zeroshot import ZeroShotConfig
 from wanda.model_io import DTYPES, EMBEDDED_DEFAULT
+
+from . import graph
 
 log = logging.getLogger(__name__)
 
@@ -204,27 +205,77 @@ class BenchmarkSection(Section):
     timeout_s: float | None = Field(None, gt=0)
 
 
-STAGE_NAMES = ("materialize", "calibration", "statistics", "masks", "prune", "dense_eval", "evaluate",
-               "export_24", "engine", "benchmark")
+class GateCriteria(BaseModel):
+    """The ``gate`` section: release criteria for flows/gate_policy.py; ``None`` disables a
+    criterion (the policy's hard rules still apply)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_ppl_increase_rel: float | None = Field(0.25, ge=0.0, description="candidate/dense perplexity - 1")
+    max_ppl_increase_abs: float | None = Field(None, ge=0.0, description="candidate - dense perplexity")
+    max_mean_acc_drop: float | None = Field(0.05, ge=0.0, le=1.0, description="dense - candidate mean accuracy (0..1)")
+    min_sparsity: float | None = Field(
+        0.0, ge=0.0, le=1.0,
+        description="actual sparsity: zeros among all decoder-block weights (the masked layers' figure when no "
+                    "block-wide figure was recorded)")
+    min_coverage: float | None = Field(
+        0.95, ge=0.0, le=1.0, description="fraction of decoder-block weights that were pruning targets")
+    min_speedup: float | None = Field(None, gt=0.0, description="dense latency / candidate latency")
+    require_speed: bool = Field(False, description="fail when no latency figure exists")
+    champion_margin: float | None = Field(
+        0.0, ge=0.0, description="candidate perplexity may exceed the champion's by this fraction")
+    champion_acc_margin: float | None = Field(
+        0.0, ge=0.0, le=1.0, description="candidate mean accuracy may trail the champion's by this much")
+    require_zeroshot: bool = Field(False, description="fail when no zero-shot accuracy exists")
+
+    @model_validator(mode="after")
+    def _speed(self) -> "GateCriteria":
+        if self.require_speed and self.min_speedup is None:
+            raise ValueError("gate.require_speed needs gate.min_speedup (allowed: a number > 0)")
+        return self
 
 
-class PathsSection(Section):
+class TrackingConfig(BaseModel):
+    """The ``tracking`` section: where flows/tracking.py logs runs and registers models. Typed
+    here with the other sections, so a typo inside ``tracking:`` fails before anything runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else the local sqlite default")
+    registry_uri: str | None = Field(None, description="None: $MLFLOW_REGISTRY_URI, else the tracking URI")
+    experiment: str = "wanda-pruning"
+    registered_model: str = "wanda-pruned"
+    artifact_root: str | None = Field(None, description="local backends only; None: <project>/.mlflow/artifacts")
+    register_source: Literal["artifact", "dvc"] = "artifact"
+    dvc_remote_url: str | None = Field(None, description="register_source=dvc: None reads the default DVC remote")
+
+    @field_validator("tracking_uri", "registry_uri", "artifact_root", "dvc_remote_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # A parameter file is committed, logged to MLflow and shown by Prefect; a password in it
+        # would be everywhere. Credentials come from the environment, which nothing records.
+        if value and "://" in value:
+            import urllib.parse
+
+            parts = urllib.parse.urlsplit(value)
+            if parts.username is not None or parts.password is not None:
+                raise ValueError("a URI with user:password@ is refused here (it would be stored and logged); "
+                                 "allowed: the URI without credentials, with them in $MLFLOW_TRACKING_URI or "
+                                 "$MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD")
+        return value
+
+
+# One field per stage of tasks/graph.py (the one stage list), defaulting to artifacts/<stage>.
+_PathFields = create_model("_PathFields", __base__=Section,
+                           **{name: (str, f"artifacts/{name}") for name in graph.order()})
+
+
+class PathsSection(_PathFields):
     """Where each stage writes its artifact folder (relative to the repository root).
 
     ``dvc.yaml`` reads these through templating, so declared outputs and written folders never
     disagree. Sweeps point some of them at per-point folders.
     """
-
-    materialize: str = "artifacts/materialize"
-    calibration: str = "artifacts/calibration"
-    statistics: str = "artifacts/statistics"
-    masks: str = "artifacts/masks"
-    prune: str = "artifacts/prune"
-    dense_eval: str = "artifacts/dense_eval"
-    evaluate: str = "artifacts/evaluate"
-    export_24: str = "artifacts/export_24"
-    engine: str = "artifacts/engine"
-    benchmark: str = "artifacts/benchmark"
 
     @field_validator("*")
     @classmethod
@@ -258,10 +309,9 @@ class PipelineParams(Section):
     engine: EngineSection = Field(default_factory=EngineSection)
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
     paths: PathsSection = Field(default_factory=PathsSection)
-    # Read by the release flows (flows/release.py, flows/tracking.py), not by any stage here;
-    # the gate criteria are validated with the library's model, tracking by its owner.
+    # Read by the release flows (flows/release.py, flows/tracking.py), not by any stage here.
     gate: GateCriteria | None = None
-    tracking: dict[str, Any] | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _prune_config(self) -> "PipelineParams":
@@ -312,6 +362,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("params", f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+_DOCUMENTS: dict[tuple[str, str], dict[str, Any]] = {}
+_VALIDATED: dict[tuple, "PipelineParams"] = {}
+
+
+def _content_key(path: str | Path) -> tuple[str, str] | None:
+    """``(path, sha256 of its bytes)``: a parameter file is small, and hashing it is far cheaper
+    than parsing and validating it; unlike an mtime, the digest cannot miss a quick rewrite."""
+    import hashlib
+
+    path = Path(path).resolve()
+    try:
+        return (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    except OSError:
+        return None
+
+
+def cached_document(path: str | Path) -> dict[str, Any]:
+    """:func:`read_yaml`, parsed once per process for as long as the file's bytes are the same;
+    callers get their own copy, so editing it changes nothing cached."""
+    import copy
+
+    key = _content_key(path)
+    if key is None:
+        return read_yaml(path)  # absent: read_yaml names the file
+    if key not in _DOCUMENTS:
+        _DOCUMENTS[key] = read_yaml(path)
+    return copy.deepcopy(_DOCUMENTS[key])
 
 
 def parse_value(text: str) -> Any:
@@ -405,14 +484,21 @@ def validate_params(data: dict[str, Any]) -> PipelineParams:
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None,
                 point: str | None = None) -> PipelineParams:
-    """Read, override and validate. ``point`` selects one point of a sweep parameter file."""
-    data = read_yaml(path)
+    """Read, override and validate (once per process for an unchanged file and the same
+    overrides: the result is frozen). ``point`` selects one point of a sweep parameter file."""
+    key = (_content_key(path), tuple(overrides or ()), point)
+    if key[0] is not None and key in _VALIDATED:
+        return _VALIDATED[key]
+    data = cached_document(path)
     if point is not None:
         points = data.get("points") or {}
         if point not in points:
             raise ConfigError("point", f"{point!r} is not a point of {path}", ", ".join(points) or "none")
         data = points[point]["params"]
-    return validate_params(apply_overrides(data, overrides))
+    params = validate_params(apply_overrides(data, overrides))
+    if key[0] is not None:
+        _VALIDATED[key] = params
+    return params
 
 
 def params_dict(params: PipelineParams) -> dict[str, Any]:

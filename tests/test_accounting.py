@@ -13,7 +13,7 @@ from tests.tiny import tiny_model
 from tests.tiny_moe import tiny_moe_model
 from wanda.accounting import coverage_warning, target_sizes_of_layout, whole_model_accounting
 from wanda.architecture import model_targets
-from wanda.gate import GateCriteria, GateMetrics, decide
+from flows.gate_policy import GateCriteria, GateMetrics, decide
 from wanda.masks import mask_from_scores, sparsity_report
 
 DENSE = {"perplexity": 10.0}

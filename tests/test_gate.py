@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from wanda.gate import GateCriteria, GateMetrics, decide
-from wanda.lineage import LineageRecord, build_lineage, dvc_md5, listing_md5, verify_chain
+from flows.gate_policy import GateCriteria, GateMetrics, decide
+from tasks.lineage import LineageRecord, build_lineage, dvc_md5, listing_md5, verify_chain
 
 DENSE = {"perplexity": 10.0, "zeroshot.mean_acc": 0.60}
 GOOD = {"perplexity": 11.0, "zeroshot.mean_acc": 0.58, "sparsity": 0.5}

@@ -18,7 +18,8 @@ pytest.importorskip("mlflow")
 
 from flows.audit import audit, format_report  # noqa: E402
 from flows.release import run_release  # noqa: E402
-from flows.tracking import TrackingConfig, resolve_tracking  # noqa: E402
+from flows.mlflow_uris import resolve_tracking  # noqa: E402
+from tasks.params import TrackingConfig  # noqa: E402
 from tests.servers import free_port, wait_http  # noqa: E402
 from tests.test_tracking import GATE, MODEL, _log, project, template  # noqa: E402,F401,F811 (fixtures)
 

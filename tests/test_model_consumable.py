@@ -29,7 +29,7 @@ def test_champion_loads_through_mlflow_with_the_evaluated_perplexity(project, tm
     from tasks.params import read_yaml, validate_params
     from wanda.evaluation.perplexity import evaluate_perplexity
     from wanda.evaluation.results import load_result
-    from wanda.lineage import dvc_md5
+    from tasks.lineage import dvc_md5
 
     version = _log(project)
     assert run_release(f"{MODEL}/{version}", GATE, _config(), project).passed

@@ -26,11 +26,13 @@ pytest.importorskip("dvc")
 
 from flows.audit import audit, format_report, parse_ref  # noqa: E402
 from flows.release import GateRejected, run_release  # noqa: E402
-from flows.tracking import (TrackingConfig, discover_run_inputs, log_pipeline_run, read_yaml,  # noqa: E402
-                            resolve_tracking)
+from flows.mlflow_uris import resolve_tracking  # noqa: E402
+from flows.run_inputs import discover_run_inputs  # noqa: E402
+from flows.tracking import log_pipeline_run  # noqa: E402
+from tasks.params import TrackingConfig, read_yaml  # noqa: E402
 from wanda.data import shared_data_dir  # noqa: E402
 from wanda.hashing import sha256_file  # noqa: E402
-from wanda.lineage import dvc_md5  # noqa: E402
+from tasks.lineage import dvc_md5  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-pruned"

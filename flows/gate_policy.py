@@ -1,4 +1,7 @@
-"""Release gate: may a pruned candidate replace the current champion? Pure logic, no MLflow.
+"""Release gate policy: may a pruned candidate replace the current champion? Pure logic, no MLflow.
+
+It lives beside the release code (``flows/release.py``); the criteria are the ``gate`` section of
+the parameters (:class:`tasks.params.GateCriteria`), validated with the rest before anything runs.
 
 The gate compares three sets of figures: the candidate's, the dense baseline's (same base model,
 same evaluation data) and, when there is one, the current champion's. Every criterion becomes a
@@ -22,7 +25,11 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.params import GateCriteria
+
+__all__ = ["Check", "GateCriteria", "GateDecision", "GateMetrics", "decide"]
 
 # Flat metric names as the tracker logs them (``EvaluationResult.metrics()`` naming).
 PPL_KEYS = ("perplexity",)
@@ -34,35 +41,6 @@ BLOCK_SPARSITY_KEYS = ("sparsity.block", "block_sparsity")
 COVERAGE_KEYS = ("sparsity.coverage", "coverage")
 LATENCY_KEYS = ("latency_ms", "latency.mean_ms", "latency.p50_ms")
 SPEEDUP_KEYS = ("speedup",)
-
-
-class GateCriteria(BaseModel):
-    """Release criteria; ``None`` disables a criterion (the hard rules above still apply)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_ppl_increase_rel: float | None = Field(0.25, ge=0.0, description="candidate/dense perplexity - 1")
-    max_ppl_increase_abs: float | None = Field(None, ge=0.0, description="candidate - dense perplexity")
-    max_mean_acc_drop: float | None = Field(0.05, ge=0.0, le=1.0, description="dense - candidate mean accuracy (0..1)")
-    min_sparsity: float | None = Field(
-        0.0, ge=0.0, le=1.0,
-        description="actual sparsity: zeros among all decoder-block weights (the masked layers' figure when no "
-                    "block-wide figure was recorded)")
-    min_coverage: float | None = Field(
-        0.95, ge=0.0, le=1.0, description="fraction of decoder-block weights that were pruning targets")
-    min_speedup: float | None = Field(None, gt=0.0, description="dense latency / candidate latency")
-    require_speed: bool = Field(False, description="fail when no latency figure exists")
-    champion_margin: float | None = Field(
-        0.0, ge=0.0, description="candidate perplexity may exceed the champion's by this fraction")
-    champion_acc_margin: float | None = Field(
-        0.0, ge=0.0, le=1.0, description="candidate mean accuracy may trail the champion's by this much")
-    require_zeroshot: bool = Field(False, description="fail when no zero-shot accuracy exists")
-
-    @model_validator(mode="after")
-    def _speed(self) -> "GateCriteria":
-        if self.require_speed and self.min_speedup is None:
-            raise ValueError("gate.require_speed needs gate.min_speedup (allowed: a number > 0)")
-        return self
 
 
 class GateMetrics(BaseModel):

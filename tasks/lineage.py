@@ -1,4 +1,7 @@
-"""Lineage: what made an artifact, and whether the bytes still say so. Pure logic, no MLflow/DVC.
+"""Lineage: what made an artifact, and whether the bytes still say so. No MLflow, no DVC import.
+
+It lives beside the code that writes the stage manifests (``tasks/common.py``) because it knows
+their format and DVC's lock file; the library (``wanda/``) knows neither.
 
 A lineage record joins two independent witnesses of a pipeline run:
 - the stage manifests (``artifacts/<stage>/manifest.json``): parameters, input and output sha256
@@ -7,7 +10,7 @@ A lineage record joins two independent witnesses of a pipeline run:
   the bytes.
 
 Verification recomputes both kinds of hash from the bytes that are still around. DVC's hashes are
-reproduced here without importing DVC (the library must work in a notebook): a file's hash is
+reproduced here without importing DVC (an audit must work where DVC is absent): a file's hash is
 the md5 of its bytes (DVC 3 ``hash: md5``); a directory's is the md5 of the JSON listing
 ``[{"md5": ..., "relpath": ...}, ...]`` sorted by relpath, dumped with ``sort_keys``, plus the
 suffix ``.dir``; that listing is stored in the cache as the ``.dir`` object itself, so a directory
@@ -26,15 +29,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .hashing import sha256_file
+from wanda.hashing import sha256_file
+
+from .common import MANIFEST as MANIFEST_NAME
+from .graph import order as _stage_order
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-MANIFEST_NAME = "manifest.json"
-# Stage order of the pipeline (DESIGN.md), used to print records in the order they were made.
-STAGE_ORDER = ("materialize", "dense_eval", "calibration", "statistics", "masks", "prune", "evaluate",
-               "export_24", "engine", "benchmark", "gate")
 
 
 # ----------------------------------------------------------------------------- DVC hashes
@@ -237,7 +239,9 @@ def build_lineage(
 
 
 def _stage_rank(stage: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+    """Records print in the order of tasks/graph.py (the one stage list); others after them."""
+    order = _stage_order()
+    return (order.index(stage) if stage in order else len(order), stage)
 
 
 def read_manifests(folders: Mapping[str, str], root: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -506,7 +510,7 @@ def recompute_checks(record: LineageRecord, located: Mapping[str, Located]) -> l
             checks.append(_recompute(name, expected, lambda f=files: model_fingerprint_from(f) if f else None))
     if record.calibration_token_digest:
         def tokens_digest() -> str | None:
-            from .calibration import CalibrationSet  # torch: imported only when an audit recomputes
+            from wanda.calibration import CalibrationSet  # torch: imported only when an audit recomputes
 
             files = _stage_files(record, located, "calibration")
             tokens = [path for rel, path in sorted(files.items()) if rel.endswith(".safetensors")]
