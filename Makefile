@@ -14,6 +14,8 @@ export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
+# Prefect's temporary API server gets 20 s to start by default: too little on a loaded 2-core box.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: setup demo test test-fast bench bench-eval bench-pipeline bench-methods clean
 
