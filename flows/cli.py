@@ -187,7 +187,11 @@ def cmd_dvc_yaml(args) -> int:
     text = main_dvc_yaml()
     if args.check:
         if not path.is_file() or path.read_text() != text:
+            from tasks.graph import dvc_yaml_differences
+
             print(f"{path} differs from tasks/graph.py; run `wanda-pipeline dvc-yaml`", file=sys.stderr)
+            for line in dvc_yaml_differences(path.read_text()) if path.is_file() else []:
+                print(f"  {line}", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     with atomic_file(path, "w") as handle:
