@@ -106,6 +106,7 @@ def _validate_first(args) -> None:
 
     root = dvc.find_root(args.repo)
     params = load_params(resolve_params_file(root, args.params), args.overrides)
+    _check_targets(getattr(args, "target", None))
     preflight(params, root)
     if args.command == "sweep":
         from flows.sweep import parse_axes
@@ -114,6 +115,15 @@ def _validate_first(args) -> None:
 
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
+
+
+def _check_targets(targets: list[str] | None) -> None:
+    from tasks import graph
+    from wanda.errors import ConfigError
+
+    for target in targets or []:
+        if target not in graph.by_name():
+            raise ConfigError("--target", f"unknown stage {target!r}", ", ".join(graph.order()))
 
 
 def cmd_run(args) -> int:

@@ -62,7 +62,8 @@ class CalibrationSet:
         return cls(tokens=tokens, digest=digest, report=json.loads(meta.get("report", "{}")))
 
 
-def _check_text(ids: torch.Tensor, seqlen: int, source: str) -> None:
+def check_tokens(ids: torch.Tensor, seqlen: int, source: str) -> None:
+    """Enough calibration text for one window of ``seqlen`` tokens, and not near-constant."""
     if ids.numel() == 0:
         raise CalibrationError(f"calibration.source: {source} is empty")
     if ids.numel() < seqlen + 1:
@@ -146,7 +147,7 @@ def sample_calibration(
     loaded = loaded or load_text(config.source)
     if config.sampler == "wikitext":
         ids = tokenize(tokenizer, loaded.text)
-        _check_text(ids, config.seqlen, loaded.source)
+        check_tokens(ids, config.seqlen, loaded.source)
         tokens, starts = sample_wikitext(ids, config.nsamples, config.seqlen, config.seed)
         ntokens = ids.numel()
     else:
