@@ -214,6 +214,10 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "dag": cmd
             "track": cmd_track, "release": cmd_release, "audit": cmd_audit, **DEPLOY_COMMANDS}
 
 
+# Commands that start DVC, stage processes and Prefect's temporary server.
+GUARDED = ("run", "sweep")
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 600 else text[:597] + "..."
@@ -223,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     from wanda.errors import ConfigError
 
     args = _parser().parse_args(argv)
+    if argv is None and args.command in GUARDED:  # a program of its own, not a call from Python
+        from flows.processes import guard
+
+        guard()  # DVC, the stages and Prefect's server die with this process
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
