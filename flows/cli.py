@@ -106,6 +106,7 @@ def _validate_first(args) -> None:
 
     root = dvc.find_root(args.repo)
     params = load_params(resolve_params_file(root, args.params), args.overrides)
+    _check_targets(getattr(args, "target", None))
     preflight(params, root)
     if args.command == "sweep":
         from flows.sweep import parse_axes
@@ -114,6 +115,15 @@ def _validate_first(args) -> None:
 
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
+
+
+def _check_targets(targets: list[str] | None) -> None:
+    from tasks import graph
+    from wanda.errors import ConfigError
+
+    for target in targets or []:
+        if target not in graph.by_name():
+            raise ConfigError("--target", f"unknown stage {target!r}", ", ".join(graph.order()))
 
 
 def cmd_run(args) -> int:
@@ -187,7 +197,11 @@ def cmd_dvc_yaml(args) -> int:
     text = main_dvc_yaml()
     if args.check:
         if not path.is_file() or path.read_text() != text:
+            from tasks.graph import dvc_yaml_differences
+
             print(f"{path} differs from tasks/graph.py; run `wanda-pipeline dvc-yaml`", file=sys.stderr)
+            for line in dvc_yaml_differences(path.read_text()) if path.is_file() else []:
+                print(f"  {line}", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     with atomic_file(path, "w") as handle:
@@ -198,6 +212,10 @@ def cmd_dvc_yaml(args) -> int:
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "dag": cmd_dag, "dvc-yaml": cmd_dvc_yaml,
             "track": cmd_track, "release": cmd_release, "audit": cmd_audit, **DEPLOY_COMMANDS}
+
+
+# Commands that start DVC, stage processes and Prefect's temporary server.
+GUARDED = ("run", "sweep")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -211,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
 
     install()  # every print and log line of this process goes through the credential redaction
     args = _parser().parse_args(argv)
+    if argv is None and args.command in GUARDED:  # a program of its own, not a call from Python
+        from flows.processes import guard
+
+        guard()  # DVC, the stages and Prefect's server die with this process
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -107,25 +107,159 @@ def status(root: Path, targets: list[str] | None = None) -> dict[str, list]:
 class ReproOutcome:
     action: str  # "ran" | "restored" | "unchanged"
     lines: list[str]
+    repaired: list[str] = field(default_factory=list)  # damaged outputs found after a checkout
+
+
+def _action(lines: list[str]) -> str:
+    text = "\n".join(lines)
+    if "skipping run, checking out outputs" in text:
+        return "restored"  # DVC's run cache had this exact stage state: outputs checked out
+    if "Running stage" in text:
+        return "ran"
+    return "unchanged"
 
 
 def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = False,
-          run_cache: bool = True) -> ReproOutcome:
-    """Bring one stage up to date (``dvc repro --single-item``) and say what DVC did."""
+          run_cache: bool = True, warn: LineSink | None = None) -> ReproOutcome:
+    """Bring one stage up to date (``dvc repro --single-item``) and say what DVC did.
+
+    DVC checks out cached outputs without re-hashing them, so a damaged cache object would be
+    copied in and then reported up to date. Whatever DVC did not compute itself (restored or
+    checked out) is verified here against ``dvc.lock``; on a mismatch the bad cache objects are
+    removed and the stage re-runs, with a warning (``warn``, and this module's log).
+    """
     args = ["repro", "--single-item", target]
     if force:
         args.append("--force")
     if not run_cache:
         args.append("--no-run-cache")
     _, lines = run(args, root, sink)
-    text = "\n".join(lines)
-    if "skipping run, checking out outputs" in text:
-        action = "restored"  # DVC's run cache had this exact stage state: outputs checked out
-    elif "Running stage" in text:
-        action = "ran"
-    else:
-        action = "unchanged"
-    return ReproOutcome(action, lines)
+    action = _action(lines)
+    if action == "ran":
+        return ReproOutcome(action, lines)
+    damaged = damaged_outputs(root, target)
+    if not damaged:
+        return ReproOutcome(action, lines)
+    described = [d.describe() for d in damaged]
+    message = (f"{target}: damaged output after checkout: {'; '.join(described[:3])}"
+               f"{f' (and {len(described) - 3} more)' if len(described) > 3 else ''}; "
+               f"removed {drop_damaged(root, damaged)} bad cache object(s), re-running the stage")
+    log.warning("%s", message)
+    if warn is not None:
+        warn(message)
+    _, more = run(["repro", "--single-item", "--force", "--no-run-cache", target], root, sink)
+    still = damaged_outputs(root, target)
+    if still:
+        raise DvcError(f"{target}: outputs still differ from dvc.lock after re-running: {still[0].describe()}")
+    return ReproOutcome("ran", lines + more, described)
+
+
+# ----------------------------------------------------------------------------- output verification
+
+
+@dataclass
+class Damage:
+    """A workspace output file whose bytes are not the ones ``dvc.lock`` records."""
+
+    path: str  # relative to the repository root
+    expected: str | None  # md5 recorded (None: a file the recorded directory does not have)
+    actual: str | None  # md5 found (None: missing from a directory that should hold it)
+
+    def describe(self) -> str:
+        if self.actual is None:
+            return f"{self.path} is missing (dvc.lock records md5 {self.expected})"
+        if self.expected is None:
+            return f"{self.path} is not part of the recorded output"
+        return f"{self.path} has md5 {self.actual}, dvc.lock records {self.expected}"
+
+
+def _lock_location(root: Path, address: str) -> tuple[Path, str, Path]:
+    """(lock file, stage name in it, folder its output paths are relative to) of a stage address."""
+    if ":" not in address:
+        return root / "dvc.lock", address, root
+    dvcfile, name = address.rsplit(":", 1)
+    pipeline = root / dvcfile
+    stage = ((read_lock(pipeline).get("stages") or {}).get(name) or {}) if pipeline.is_file() else {}
+    return pipeline.with_suffix(".lock"), name, (pipeline.parent / (stage.get("wdir") or ".")).resolve()
+
+
+def damaged_outputs(root: Path, address: str) -> list[Damage]:
+    """Every output of the stage at ``address`` present in the workspace whose bytes differ from
+    its ``dvc.lock`` record (hashed now, never taken from DVC's state database). Missing outputs
+    are not listed: DVC reports those itself."""
+    from tasks.lineage import dir_listing, listing_md5, md5_file
+
+    lock, name, base = _lock_location(root, address)
+    entry = (read_lock(lock).get("stages") or {}).get(name) or {}
+    damages: list[Damage] = []
+    for out in entry.get("outs") or []:
+        path, md5 = base / out["path"], out.get("md5")
+        if not md5 or not path.exists():
+            continue
+        rel = os.path.relpath(path, root)
+        if not md5.endswith(".dir"):
+            actual = md5_file(path)
+            if actual != md5:
+                damages.append(Damage(rel, md5, actual))
+            continue
+        listing = dir_listing(path)
+        if listing_md5(listing) == md5:
+            continue
+        recorded = _dir_object(root, md5)
+        if recorded is None:  # the listing itself is gone or damaged: the folder as a whole
+            damages.append(Damage(rel + "/", md5, listing_md5(listing)))
+            continue
+        have = {e["relpath"]: e["md5"] for e in listing}
+        want = {e["relpath"]: e["md5"] for e in recorded}
+        for relpath in sorted(set(have) | set(want)):
+            if have.get(relpath) != want.get(relpath):
+                damages.append(Damage(f"{rel}/{relpath}", want.get(relpath), have.get(relpath)))
+    return damages
+
+
+def cache_dir(root: Path) -> Path:
+    """The DVC cache folder of the repository (``dvc cache dir``: it may be shared, elsewhere)."""
+    return Path(capture(["cache", "dir"], root).strip().splitlines()[-1])
+
+
+def _dir_object(root: Path, md5: str) -> list[dict] | None:
+    """The ``.dir`` listing in the cache, if present and intact (its own hash matches)."""
+    from tasks.lineage import cache_object, listing_md5
+
+    for path in cache_object(cache_dir(root), md5):
+        try:
+            listing = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(listing, list) and listing_md5(listing) == md5:
+            return listing
+    return None
+
+
+def drop_damaged(root: Path, damages: list[Damage]) -> int:
+    """Remove the cache objects of ``damages`` whose bytes do not hash to their name (the
+    damaged copies DVC would restore again); return how many were removed."""
+    from tasks.lineage import cache_object, listing_md5, md5_file
+
+    removed = 0
+    folder = cache_dir(root)
+    for damage in damages:
+        if damage.expected is None:
+            continue
+        for obj in cache_object(folder, damage.expected):
+            if not obj.is_file():
+                continue
+            if damage.expected.endswith(".dir"):
+                try:
+                    intact = listing_md5(json.loads(obj.read_text(encoding="utf-8"))) == damage.expected
+                except (OSError, ValueError):
+                    intact = False
+            else:
+                intact = md5_file(obj) == damage.expected
+            if not intact:
+                obj.unlink()
+                removed += 1
+    return removed
 
 
 def commit(root: Path, targets: list[str], sink: LineSink | None = None) -> None:

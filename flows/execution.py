@@ -113,7 +113,8 @@ def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: boo
             _run_command(plan, root_path, _Sink(logger), threads)
         action = "ran"
     else:
-        action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache).action
+        action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache,
+                           warn=logger.warning).action
     outcome = _outcome(plan, root_path, action, time.perf_counter() - started)
     if outcome.status == "skipped":
         logger.info("%s skipped: %s", plan.address, outcome.reason)

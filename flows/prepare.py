@@ -54,11 +54,14 @@ def open_run(repo: str | Path, params_file: str | Path | None, overrides: list[s
     and log the fallback note and the preflight warnings. Returns (root, params)."""
     from . import dvc
 
+    apply_offline_env()
     root = dvc.find_root(repo)
+    # Every check passes before params.yaml is written: a bad -S value leaves it as it was.
+    warnings = preflight(load_params(resolve_params_file(root, params_file), overrides), root)
     params, note = prepare_params(root, params_file, overrides)
     if note:
         logger.info("%s", note)
-    for warning in preflight(params, root):
+    for warning in warnings:
         logger.warning("%s", warning)
     return root, params
 
@@ -74,23 +77,33 @@ def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
 
 
 def _preflight(params: PipelineParams) -> list[str]:
+    from wanda.data import check_text_file
     from wanda.model_io import resolve_source
 
     warnings: list[str] = []
     source = resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
-    if source.kind == "dir":  # encoders and encoder-decoders are refused from config.json alone
+    model_dir = _model_config_dir(params, source)
+    context = _context_length(_read_model_config(model_dir / "config.json")) if model_dir else None
+    tokenizer = _tokenizer(model_dir) if model_dir else None
+    if model_dir:  # encoders and encoder-decoders are refused from config.json alone
         from wanda.architecture import check_source_decoder_only
 
-        check_source_decoder_only(source.location)
+        check_source_decoder_only(str(model_dir))
     _config, note = params.calibration.resolve()
     if note:
         warnings.append(note)
-    _config.source.check_exists("calibration.source")
+    _check_seqlen("calibration.seqlen", _config.seqlen, context)
+    check_text_file(_config.source, "calibration.source")
+    if tokenizer is not None and _config.sampler == "wikitext":
+        _check_calibration_tokens(_config, tokenizer)
     if params.evaluate.perplexity is not None:
         ppl, note = params.evaluate.perplexity.resolve()
         if note:
             warnings.append(note)
-        ppl.source.check_exists("evaluate.perplexity.source")
+        _check_seqlen("evaluate.perplexity.seqlen", ppl.seqlen, context)
+        check_text_file(ppl.source, "evaluate.perplexity.source")
+        if tokenizer is not None:
+            _check_evaluation_tokens(ppl, tokenizer)
     if params.evaluate.zeroshot is not None:
         from wanda.evaluation.zeroshot import check_task_data
 
@@ -102,6 +115,95 @@ def _preflight(params: PipelineParams) -> list[str]:
             raise ConfigError("runtime.device", f"{params.runtime.device} requested but no CUDA device is visible",
                               "cpu")
     return warnings
+
+
+# Texts up to this size are tokenized in the preflight (about a second); longer ones hold far
+# more tokens than any window needs.
+_TOKENIZED_CHARS = 1_000_000
+_MODEL_CONFIG = "a transformers model directory with a valid config.json"
+
+
+def _model_config_dir(params: PipelineParams, source) -> Path | None:
+    """The folder whose config.json (and tokenizer) describe ``model.source``, without loading
+    weights: the source folder itself, else the materialize stage's output when it was made from
+    this source (a GGUF file or a hub id has no config.json of its own); None when neither."""
+    if source.kind == "dir":
+        return Path(source.location)
+    folder = Path(params.paths.materialize)
+    manifest = read_manifest(folder) or {}
+    if (manifest.get("summary") or {}).get("source") == params.model.source and (folder / "model" / "config.json").is_file():
+        return folder / "model"
+    return None
+
+
+def _read_model_config(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError("model.source", f"{path} is not a readable model config ({type(exc).__name__}: {exc})",
+                          _MODEL_CONFIG) from None
+    if not isinstance(data, dict):
+        raise ConfigError("model.source", f"{path} holds a JSON {type(data).__name__}, not a model config",
+                          _MODEL_CONFIG)
+    return data
+
+
+def _context_length(config: dict) -> int | None:
+    from wanda.evaluation.perplexity import CONTEXT_ATTRS
+
+    for section in (config, config.get("text_config") or {}):
+        for attr in CONTEXT_ATTRS:
+            value = section.get(attr)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _check_seqlen(field: str, seqlen: int, context: int | None) -> None:
+    if context is not None and seqlen > context:
+        raise ConfigError(field, f"{seqlen} exceeds the model's context of {context} tokens", f"2..{context}")
+
+
+def _tokenizer(model_dir: Path):
+    """The model's tokenizer (no weights), or None when the folder has none."""
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _check_calibration_tokens(config, tokenizer) -> None:
+    """The calibration stage's own token check (enough, not near-constant), before any stage."""
+    from wanda.calibration import MIN_DISTINCT_TOKENS, check_tokens
+    from wanda.data import load_text, tokenize
+    from wanda.errors import CalibrationError
+
+    loaded = load_text(config.source, "calibration.source")
+    if len(loaded.text) > _TOKENIZED_CHARS:
+        return
+    try:
+        check_tokens(tokenize(tokenizer, loaded.text), config.seqlen, loaded.source)
+    except CalibrationError as exc:
+        raise ConfigError("calibration.source", str(exc).removeprefix("calibration.source: "),
+                          f"a text of more than calibration.seqlen={config.seqlen} tokens, at least "
+                          f"{MIN_DISTINCT_TOKENS} of them distinct") from None
+
+
+def _check_evaluation_tokens(config, tokenizer) -> None:
+    from wanda.data import load_text, tokenize
+
+    loaded = load_text(config.source, "evaluate.perplexity.source")
+    if len(loaded.text) > _TOKENIZED_CHARS:
+        return
+    count = tokenize(tokenizer, loaded.text).numel()
+    if count < config.seqlen:
+        raise ConfigError("evaluate.perplexity.source", f"{loaded.source} has {count} tokens, fewer than one "
+                          f"window of evaluate.perplexity.seqlen={config.seqlen}",
+                          f"a longer text, or evaluate.perplexity.seqlen in 2..{count}" if count >= 2
+                          else "a longer text")
 
 
 def content_force_reasons(root: Path, params: PipelineParams) -> dict[str, str]:

@@ -20,6 +20,9 @@ from .prepare import content_force_reasons
 log = logging.getLogger(__name__)
 
 UP_TO_DATE, STALE, MISSING, MODIFIED, UPSTREAM = "cached", "stale", "missing", "modified", "stale (upstream)"
+# Outputs whose bytes differ from dvc.lock although DVC calls them up to date (a damaged cache
+# object checked out: DVC trusts its state database and does not re-hash).
+DAMAGED = "damaged"
 
 
 @dataclass
@@ -137,6 +140,11 @@ def pipeline_status(repo: str | Path = ".") -> list[StageState]:
             state, reasons = _reasons(root, address, status.get(address, []), locks.get(lock_key), code)
         if address in extra:
             state, reasons = STALE, reasons + [extra[address]]
+        if state == UP_TO_DATE:
+            damaged = dvc.damaged_outputs(root, address)
+            if damaged:
+                state, reasons = DAMAGED, [f"output {d.describe()}" for d in damaged] + [
+                    "delete the damaged file and `wanda-pipeline run`: the bad cache object is dropped and the stage re-run"]
         if state == UP_TO_DATE:
             blocked = [u for u in upstream if u in states and states[u].state != UP_TO_DATE]
             if blocked:

@@ -4,9 +4,10 @@ and compares).
 
 Per stage: the parameter sections it reads (DVC ``params``), the stages whose artifacts it
 reads (DVC ``deps`` on their folders), and the code that decides its outputs (DVC ``deps`` on
-files, and the code digest in its manifest). Library modules are listed individually rather
-than as the whole ``wanda/`` folder, so an edit to, say, the exporter does not invalidate
-calibration statistics.
+files, and the code digest in its manifest). The code is the static import closure of the
+stage's entry module inside the project (:mod:`tasks.imports`), never a hand-made list: a
+module a stage imports, even inside a function, is a dependency, and one it does not import is
+not.
 """
 from __future__ import annotations
 
@@ -14,24 +15,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
 
-COMMON_CODE = ("tasks/common.py", "tasks/params.py")
-_LOADING = ("wanda/model_io.py", "wanda/placement.py")
-# How blocks are run and where they come from (loaded model or streamed shards).
-_STREAMING = ("wanda/activations.py", "wanda/block_source.py", "wanda/checkpoint.py")
-_BLOCKWISE = ("wanda/architecture.py", "wanda/blocks.py", "wanda/statistics.py", "wanda/prune.py",
-              "wanda/streaming.py") + _STREAMING
-_MASKING = ("wanda/config.py", "wanda/scores.py", "wanda/masks.py")
-_EVALUATION = ("wanda/data.py", "wanda/evaluation/perplexity.py", "wanda/evaluation/zeroshot.py",
-               "wanda/evaluation/results.py", "wanda/evaluation/report.py", "wanda/architecture.py",
-               "wanda/blocks.py") + _STREAMING
-
-
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     sections: tuple[str, ...]  # parameter sections (DVC params)
     inputs: tuple[str, ...]  # upstream stages whose artifact folders it reads
-    code: tuple[str, ...]  # files besides COMMON_CODE and its own module
     module: str = ""  # python -m target; default tasks.<name>
     args: tuple[str, ...] = ()
     # Files inside the stage folder that DVC shows as metrics / plots. A stage with any of them
@@ -40,6 +28,8 @@ class StageSpec:
     plots: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # the other output files, when declared file by file
     description: str = ""
+    # Files the stage's outputs depend on that no import reaches (read at run time); none yet.
+    extra_code: tuple[str, ...] = ()
 
     @property
     def entry(self) -> str:
@@ -47,8 +37,10 @@ class StageSpec:
 
     @property
     def code_files(self) -> tuple[str, ...]:
-        own = f"{self.entry.replace('.', '/')}.py"
-        return tuple(dict.fromkeys((own, *COMMON_CODE, *self.code)))
+        """Its entry module's file, then every project file that module imports (sorted)."""
+        from .imports import closure
+
+        return tuple(dict.fromkeys((*closure(self.entry), *self.extra_code)))
 
     @property
     def per_file_outputs(self) -> bool:
@@ -64,41 +56,36 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("materialize", ("model",), (), _LOADING,
+    StageSpec("materialize", ("model",), (),
               description="base model from any source to a fingerprinted safetensors folder"),
-    StageSpec("calibration", ("calibration",), ("materialize",), ("wanda/calibration.py", "wanda/data.py"),
+    StageSpec("calibration", ("calibration",), ("materialize",),
               description="seeded calibration token windows, their digest and a quality report"),
-    StageSpec("statistics", ("statistics", "runtime"), ("materialize", "calibration"), _LOADING + _BLOCKWISE,
+    StageSpec("statistics", ("statistics", "runtime"), ("materialize", "calibration"),
               description="one-pass activation statistics of the dense model (sequential mode: deferred to masks)"),
     StageSpec("masks", ("masks", "runtime"), ("materialize", "calibration", "statistics"),
-              _LOADING + _BLOCKWISE + _MASKING + ("wanda/methods",),
               description="pruning masks (sequential mode: statistics and masks together, block by block)"),
     StageSpec("prune", ("prune", "runtime"), ("materialize", "masks"),
-              _LOADING + ("wanda/masks.py", "wanda/streaming.py", "wanda/checkpoint.py"),
               description="the pruned model: base weights with the masks applied"),
-    StageSpec("dense_eval", ("evaluate", "runtime"), ("materialize",), _LOADING + _EVALUATION,
+    StageSpec("dense_eval", ("evaluate", "runtime"), ("materialize",),
               module="tasks.evaluate", args=("--dense",),
               metrics=("metrics.json",), files=("result.json", "manifest.json"),
               description="dense baseline evaluation, once per base model and evaluation setting"),
-    StageSpec("evaluate", ("evaluate", "runtime"), ("prune", "dense_eval"), _LOADING + _EVALUATION,
+    StageSpec("evaluate", ("evaluate", "runtime"), ("prune", "dense_eval"),
               metrics=("metrics.json",), plots=("comparison.png",),
               files=("result.json", "comparison.md", "manifest.json"),
               description="pruned model evaluation and its comparison with the dense baseline"),
     StageSpec("export_24", ("export_24",), ("prune",),
-              ("wanda/export/sparse24.py", "wanda/export/trtllm_checkpoint.py"),
               description="TensorRT-LLM checkpoint with 2:4 compressed weights (skipped unless 2:4)"),
-    StageSpec("engine", ("engine",), ("export_24",), ("wanda/export/engine.py",),
+    StageSpec("engine", ("engine",), ("export_24",),
               description="TensorRT-LLM engines, sparse and dense (skipped without a GPU and trtllm-build)"),
     StageSpec("benchmark", ("benchmark",), ("prune", "export_24", "engine"),
-              ("wanda/export/engine.py", "wanda/export/bench_trtllm.py"),
               description="trtllm-bench latency of the sparse vs dense engines (skipped without engines)"),
 )
 
 # Stages a sweep point may re-run on its own; everything before the first of them that a point
 # changes is shared with the main pipeline.
 SWEEPABLE = ("calibration", "statistics", "masks", "prune", "evaluate")
-SWEEP_REPORT = StageSpec("report", (), (), ("tasks/sweep_report.py", "wanda/evaluation/report.py"),
-                         module="tasks.sweep_report", description="sweep comparison table and plots")
+SWEEP_REPORT = StageSpec("report", (), (), module="tasks.sweep_report", description="sweep comparison table and plots")
 
 
 @lru_cache(maxsize=None)
@@ -214,3 +201,31 @@ def main_dvc_yaml() -> str:
 
 def code_files(names: Iterable[str]) -> list[str]:
     return sorted({path for name in names for path in stage(name).code_files})
+
+
+def dvc_yaml_differences(text: str) -> list[str]:
+    """How a ``dvc.yaml`` text disagrees with the generated one, stage by stage: code deps that
+    are not the import closure, other changed fields, missing or extra stages."""
+    from ruamel.yaml import YAML
+
+    try:
+        found = (YAML(typ="safe").load(text) or {}).get("stages") or {}
+    except Exception as exc:  # a broken file is one difference
+        return [f"dvc.yaml does not parse: {exc}"]
+    wanted = main_pipeline()["stages"]
+    lines = [f"stage {name}: missing" for name in wanted if name not in found]
+    lines += [f"stage {name}: not in tasks/graph.py" for name in found if name not in wanted]
+    for name in (n for n in wanted if n in found):
+        want, have = wanted[name], found[name] or {}
+        lacking = [d for d in want["deps"] if d not in (have.get("deps") or [])]
+        extra = [d for d in (have.get("deps") or []) if d not in want["deps"]]
+        if lacking:
+            lines.append(f"stage {name}: deps lack {', '.join(lacking)} (imported by {by_name()[name].entry}"
+                         f" or its imports)" if all(not d.startswith("$") for d in lacking)
+                         else f"stage {name}: deps lack {', '.join(lacking)}")
+        if extra:
+            lines.append(f"stage {name}: deps name {', '.join(extra)}, which {by_name()[name].entry} does not import")
+        for key in sorted(set(want) | set(have)):
+            if key != "deps" and want.get(key) != have.get(key):
+                lines.append(f"stage {name}: {key} differs")
+    return lines

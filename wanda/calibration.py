@@ -10,9 +10,9 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_temp_path
+from .checkpoint import save_safetensors
 from .data import LoadedText, TextSource, load_text, split_documents, tokenize
 from .errors import CalibrationError, ConfigError
 from .hashing import sha256_tensor
@@ -44,8 +44,7 @@ class CalibrationSet:
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
         meta = {"digest": self.digest, "report": json.dumps(self.report, sort_keys=True)}
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        with atomic_temp_path(path) as tmp:
-            save_file({"tokens": self.tokens.contiguous()}, str(tmp), metadata=meta)
+        save_safetensors({"tokens": self.tokens.contiguous()}, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":
@@ -63,7 +62,8 @@ class CalibrationSet:
         return cls(tokens=tokens, digest=digest, report=json.loads(meta.get("report", "{}")))
 
 
-def _check_text(ids: torch.Tensor, seqlen: int, source: str) -> None:
+def check_tokens(ids: torch.Tensor, seqlen: int, source: str) -> None:
+    """Enough calibration text for one window of ``seqlen`` tokens, and not near-constant."""
     if ids.numel() == 0:
         raise CalibrationError(f"calibration.source: {source} is empty")
     if ids.numel() < seqlen + 1:
@@ -147,7 +147,7 @@ def sample_calibration(
     loaded = loaded or load_text(config.source)
     if config.sampler == "wikitext":
         ids = tokenize(tokenizer, loaded.text)
-        _check_text(ids, config.seqlen, loaded.source)
+        check_tokens(ids, config.seqlen, loaded.source)
         tokens, starts = sample_wikitext(ids, config.nsamples, config.seqlen, config.seed)
         ntokens = ids.numel()
     else:

@@ -207,12 +207,16 @@ class SafetensorsStreamWriter:
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
+        # One canonical layout (metadata keys and tensors sorted by name), whatever order the
+        # caller declares them in: the same tensors give the same bytes in every process and
+        # whether they were written from memory or streamed (safetensors' own save_file orders
+        # metadata by a per-process random hash seed).
         header: dict = {}
         if metadata:
-            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+            header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
         offset = 0
         self._layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
-        for name, dtype, shape in entries:
+        for name, dtype, shape in sorted(entries, key=lambda entry: entry[0]):
             size = dtype.itemsize * int(torch.Size(shape).numel())
             header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             self._layout[name] = (offset, offset + size, dtype, tuple(shape))
@@ -242,3 +246,16 @@ class SafetensorsStreamWriter:
         if missing:
             raise ArtifactMismatchError(f"{self.path.name}: {len(missing)} declared tensors never written, "
                                         f"first {missing[0]!r}")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` atomically in the canonical layout of
+    ``SafetensorsStreamWriter``: byte-reproducible, unlike ``safetensors.torch.save_file``."""
+    from .atomic import atomic_temp_path
+
+    with atomic_temp_path(path) as tmp:
+        writer = SafetensorsStreamWriter(tmp, [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()],
+                                         metadata)
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.close()

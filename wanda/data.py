@@ -99,11 +99,36 @@ class LoadedText(BaseModel):
         return sha256_text(self.text)
 
 
-def _read_plain(path: Path) -> list[str]:
+TEXT_FILE = "a UTF-8 text file, or a .json/.jsonl/.parquet file of records with a text field"
+
+
+def _decode(path: Path, field: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{field}.path", f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start} of {len(data)})", TEXT_FILE) from None
+
+
+def _read_plain(path: Path, field: str = "source") -> list[str]:
     # Protocol of the shared data: UTF-8, every '\r' dropped. The whole file is one text;
     # documents (for document samplers) are its blank-line separated paragraphs.
-    raw = path.read_text(encoding="utf-8").replace("\r", "")
+    raw = _decode(path, field).replace("\r", "")
     return [raw]
+
+
+def check_text_file(source: TextSource, field: str) -> None:
+    """Fail before any work on a local text file that cannot serve: missing, not UTF-8, or
+    without a word of text (``field`` names the parameter, e.g. ``calibration.source``)."""
+    if not source.path:
+        return
+    source.check_exists(field)
+    path = resolve_path(source.path)
+    if path.suffix.lower() in {".json", ".jsonl", ".parquet"}:
+        return  # records: their own reader names a missing field
+    if not _decode(path, field).strip():
+        raise ConfigError(f"{field}.path", f"{path} holds no text ({path.stat().st_size} bytes)", TEXT_FILE)
 
 
 def _read_records(path: Path, field: str) -> list[str]:
@@ -137,14 +162,15 @@ def _pydoc_topics(part: str) -> list[str]:
     return [text for index, text in enumerate(unique) if index % 2 == wanted]
 
 
-def load_text(source: TextSource) -> LoadedText:
-    """Read a source into documents. Local files and builtin text need no network."""
+def load_text(source: TextSource, field: str = "source") -> LoadedText:
+    """Read a source into documents. Local files and builtin text need no network. Errors name
+    ``field`` (the parameter that holds ``source``)."""
     if source.path:
-        source.check_exists()
+        source.check_exists(field)
         path = resolve_path(source.path)
         if path.suffix.lower() in {".json", ".jsonl", ".parquet"}:
             return LoadedText(source=str(path), documents=_read_records(path, source.text_field), joiner="\n\n")
-        return LoadedText(source=str(path), documents=_read_plain(path), joiner="")
+        return LoadedText(source=str(path), documents=_read_plain(path, field), joiner="")
     if source.builtin:
         return LoadedText(source=source.describe(), documents=_pydoc_topics(source.part), joiner="\n\n")
     import datasets

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_temp_path
+from .checkpoint import save_safetensors
 from .errors import ArtifactMismatchError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -186,8 +185,7 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor], metadata: dict 
         meta["permutations"] = json.dumps(sorted(permutations))
     meta["shapes"] = json.dumps(shapes, sort_keys=True)
     meta["format"] = "packbits-v1"
-    with atomic_temp_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def read_mask(handle, name: str, shape: list[int]) -> torch.Tensor:

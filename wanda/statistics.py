@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_temp_path
+from .checkpoint import save_safetensors
 from .errors import ArtifactMismatchError
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,7 @@ class ActivationStatistics:
             tensors[f"{name}::count"] = torch.tensor([stats.count], dtype=torch.int64)
         meta = {**self.metadata, **{k: str(v) for k, v in (metadata or {}).items()}}
         meta["layers"] = json.dumps(sorted(self.layers))
-        with atomic_temp_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStatistics":

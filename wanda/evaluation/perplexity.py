@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = TextSource(path="shared:wikitext-2-raw/wiki.test.raw")
 # Config attributes under which decoder-only models state their context length.
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 class PerplexityConfig(BaseModel):
@@ -62,7 +62,7 @@ class PerplexityResult(BaseModel):
 
 def model_context_length(model) -> int | None:
     config = getattr(model, "config", None)
-    for attr in _CONTEXT_ATTRS:
+    for attr in CONTEXT_ATTRS:
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value

@@ -1,0 +1,74 @@
+"""Bad input fails before any stage runs: exit 2, the parameter named with its allowed values,
+params.yaml, dvc.lock and every artifact as they were (issue 14, item 5)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_project import copy_project, sh
+
+pytestmark = pytest.mark.integration
+
+
+def _write(root: Path, rel: str, data: bytes) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+
+
+def _calibration_file(data: bytes):
+    def setup(root: Path) -> list[str]:
+        _write(root, "fixtures/bad.txt", data)
+        return ["-S", "calibration.source={path: fixtures/bad.txt}"]
+    return setup
+
+
+def _corrupt_model_config(root: Path) -> list[str]:
+    _write(root, "fixtures/tiny-model/config.json", b'{"model_type": "llama", "hidden_size": ')
+    return []
+
+
+CASES = {
+    "calibration-seqlen": (lambda root: ["-S", "calibration.seqlen=4096"],
+                           "calibration.seqlen: 4096 exceeds the model's context of 256 tokens (allowed: 2..256)"),
+    "evaluation-seqlen": (lambda root: ["-S", "evaluate.perplexity.seqlen=300"],
+                          "evaluate.perplexity.seqlen: 300 exceeds the model's context of 256 tokens (allowed: 2..256)"),
+    "empty-text": (_calibration_file(b""), "calibration.source.path: "),
+    "ten-bytes": (_calibration_file(b"w1 w2 w3 w"), "calibration.source: too little calibration text"),
+    "binary": (_calibration_file(bytes(range(256)) * 4), "is not UTF-8 text (byte 0x80 at offset 128 of 1024)"),
+    "one-word": (_calibration_file(b"w7\n"), "calibration.source: too little calibration text"),
+    "corrupt-config": (_corrupt_model_config, "model.source: "),
+    "unknown-target": (lambda root: ["--target", "maks"], "--target: unknown stage 'maks' (allowed: materialize, "),
+    "tracking-typo": (lambda root: ["-S", "tracking.experimnt=x"],
+                      "tracking.experimnt: Extra inputs are not permitted (allowed: tracking_uri, "),
+}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the workspace but the fixtures the case itself wrote: size and mtime."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith((".git/", "fixtures/")):
+            stat = path.stat()
+            files[rel] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_before_any_stage_and_changes_nothing(tmp_path, case):
+    root = copy_project(tmp_path / "p")
+    setup, expected = CASES[case]
+    args = setup(root)
+    before = _snapshot(root)
+    params = (root / "params.yaml").read_bytes()
+    result = sh(root, sys.executable, "-m", "flows.cli", "run", "--no-track", *args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wanda-pipeline: invalid parameters: "), result.stderr[-2000:]
+    assert expected in lines[0] and "(allowed: " in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "Starting temporary server" not in result.stdout + result.stderr  # before Prefect started
+    assert (root / "params.yaml").read_bytes() == params
+    assert _snapshot(root) == before  # dvc.lock, artifacts, the DVC cache: untouched
