@@ -54,11 +54,13 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], root: Path, sink: LineSink | None = None, check: bool = True) -> tuple[int, list[str]]:
-    """Run ``dvc ARGS`` in ``root``; every output line goes to ``sink`` as it arrives."""
+def run(args: list[str], root: Path, sink: LineSink | None = None, check: bool = True,
+        env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run ``dvc ARGS`` in ``root``; every output line goes to ``sink`` as it arrives. ``env``:
+    extra variables for DVC and the stages it runs (a sweep point's threads and GPUs)."""
     argv = [sys.executable, "-m", "dvc", *args]
     lines: list[str] = []
-    with subprocess.Popen(argv, cwd=root, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(argv, cwd=root, env={**environment(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -110,14 +112,14 @@ class ReproOutcome:
 
 
 def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = False,
-          run_cache: bool = True) -> ReproOutcome:
+          run_cache: bool = True, env: dict[str, str] | None = None) -> ReproOutcome:
     """Bring one stage up to date (``dvc repro --single-item``) and say what DVC did."""
     args = ["repro", "--single-item", target]
     if force:
         args.append("--force")
     if not run_cache:
         args.append("--no-run-cache")
-    _, lines = run(args, root, sink)
+    _, lines = run(args, root, sink, env=env)
     text = "\n".join(lines)
     if "skipping run, checking out outputs" in text:
         action = "restored"  # DVC's run cache had this exact stage state: outputs checked out

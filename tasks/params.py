@@ -262,6 +262,8 @@ class PipelineParams(Section):
     # the gate criteria are validated with the library's model, tracking by its owner.
     gate: GateCriteria | None = None
     tracking: dict[str, Any] | None = None
+    # Read by the sweep flow (where points run, what each needs), validated by flows/runners.py.
+    sweep: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _prune_config(self) -> "PipelineParams":
