@@ -86,6 +86,9 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     and where every point ran."""
     settings = settings_for(repo, params_file, overrides, runner)
     workers = workers or default_workers()
+    if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
+        log.info("runner %s: workers able to take a point: %s", settings.runner,
+                 ", ".join(runners.check_cluster(settings)))
     flow_run = sweep_flow.with_options(task_runner=runners.task_runner(settings, workers))
     return flow_run(axes=axes, name=name, params_file=params_file, overrides=overrides, repo=repo, workers=workers,
                     run_cache=run_cache, runner=settings.runner)
@@ -103,9 +106,6 @@ def sweep_flow(axes: list[str], name: str = "sweep", params_file: str | None = N
     plan = plan_sweep(name, parse_axes(axes), base, read_yaml(root / "params.yaml"))
     workers = workers or default_workers()
     distributed = settings.kind != "local" or (workers > 1 and len(plan.points) > 1)
-    if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
-        logger.info("runner %s: workers able to take a point: %s", settings.runner,
-                    ", ".join(runners.check_cluster(settings)))
     write_sweep_files(root, plan)
     logger.info("sweep %s: %d points (%s); shared stages: %s", name, len(plan.points),
                 ", ".join(p.name for p in plan.points), ", ".join(plan.shared_stages()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,15 @@ from pathlib import Path
 import pytest
 
 from tasks.common import read_manifest
+from tests.clusters import DaskCluster, RayHead
 from tests.pipeline_project import copy_project, env, status
 
 pytestmark = pytest.mark.integration
 
+# Every point on one thread, as the local reference runs (tests.pipeline_project.env): float
+# reductions may differ with the thread count, and the comparison is bit for bit.
+ONE_THREAD = ["-S", "sweep={resources: {threads: 1}}"]
 POINTS = ["sparsity-0_3", "sparsity-0_4", "sparsity-0_5", "sparsity-0_6"]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +40,16 @@ def api_url(tmp_path_factory):
         yield PREFECT_API_URL.value()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(api: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     values = env()
     values.update({"PREFECT_API_URL": api, **(extra or {})})
     return values
+
+
+def _workers_env(root: Path, api: str, workspaces: Path) -> dict[str, str]:
+    """Workers import the project copy's code, as its CLI does; the points' workspaces go where
+    the test can watch them."""
+    return _env(api, {"PYTHONPATH": str(root), "WANDA_WORKSPACES": str(workspaces)})
 
 
 def _cli(root: Path, api: str, *args: str) -> dict:
@@ -55,60 +57,6 @@ def _cli(root: Path, api: str, *args: str) -> dict:
                             env=_env(api), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"sweep failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
     return json.loads(result.stdout[result.stdout.index("{"):])
-
-
-class DaskCluster:
-    """``dask scheduler`` and ``dask worker`` processes; every one stopped by its pid."""
-
-    def __init__(self, root: Path, api: str, workspaces: Path, names: list[str]):
-        self.port = _free_port()
-        self.address = f"dask://127.0.0.1:{self.port}"
-        # Workers import the project copy's code, as its CLI does; the points' workspaces go
-        # where the test can watch them.
-        worker_env = _env(api, {"PYTHONPATH": str(root), "WANDA_WORKSPACES": str(workspaces)})
-        self.logs = root.parent / f"dask-{self.port}"
-        self.logs.mkdir()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.procs["scheduler"] = self._start("scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
-                                                            "--port", str(self.port), "--no-dashboard"], worker_env)
-        for name in names:
-            # --no-nanny: the pid is the worker itself, so killing it kills the worker (no restart)
-            self.procs[name] = self._start(name, [str(BIN / "dask"), "worker", f"tcp://127.0.0.1:{self.port}",
-                                                  "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                                                  "--resources", "MEMORY=4"], worker_env)
-        self._wait_for(len(names))
-
-    def _start(self, name: str, argv: list[str], values: dict[str, str]) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "w")
-        return subprocess.Popen(argv, cwd=self.logs, env=values, stdout=out, stderr=subprocess.STDOUT)
-
-    def _wait_for(self, count: int) -> None:
-        from distributed import Client
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with Client(f"tcp://127.0.0.1:{self.port}", timeout="5s") as client:
-                    client.wait_for_workers(count, timeout=60)
-                    return
-            except (OSError, TimeoutError):
-                time.sleep(1)
-        raise AssertionError(f"Dask cluster did not start; logs in {self.logs}")
-
-    def kill(self, name: str) -> None:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait(timeout=30)
-
-    def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def _results(root: Path, name: str) -> dict[str, bytes]:
@@ -134,9 +82,10 @@ def test_dask_sweep_equals_local_sweep_on_two_workers(api_url, local_sweep, tmp_
     local_root, local = local_sweep
     root = copy_project(tmp_path / "p")
     stats_before = read_manifest(root / "artifacts/statistics")
-    cluster = DaskCluster(root, api_url, tmp_path / "ws", ["w1", "w2"])
+    cluster = DaskCluster(root.parent, _workers_env(root, api_url, tmp_path / "ws"), ["w1", "w2"])
     try:
-        result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", cluster.address)
+        result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", cluster.address,
+                      *ONE_THREAD)
     finally:
         cluster.stop()
     assert all(p.poll() is not None for p in cluster.procs.values())
@@ -155,9 +104,25 @@ def test_dask_sweep_equals_local_sweep_on_two_workers(api_url, local_sweep, tmp_
     assert list((tmp_path / "ws").iterdir()) == []  # every workspace removed
 
 
+def test_ray_sweep_equals_local_sweep(api_url, local_sweep, tmp_path):
+    local_root, _ = local_sweep
+    root = copy_project(tmp_path / "p")
+    head = RayHead(root.parent, _workers_env(root, api_url, tmp_path / "ws"))
+    try:
+        result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", head.address,
+                      *ONE_THREAD)
+    finally:
+        head.stop()
+    assert head.proc.returncode is not None
+    assert {p["point"] for p in result["placement"]} == set(POINTS)
+    assert all(p["worker"].startswith("ray:") for p in result["placement"])
+    assert _results(root, "s") == _results(local_root, "s")
+    assert status(root) == {}
+
+
 def test_gpu_point_is_not_placed_without_gpu_worker(api_url, tmp_path):
     root = copy_project(tmp_path / "p")
-    cluster = DaskCluster(root, api_url, tmp_path / "ws", ["cpu-only"])
+    cluster = DaskCluster(root.parent, _workers_env(root, api_url, tmp_path / "ws"), ["cpu-only"])
     try:
         run = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--sparsity", "0.3,0.4", "--runner",
                               cluster.address, "-S", "sweep={resources: {gpus: 1}}"], cwd=root, env=_env(api_url),
@@ -184,10 +149,10 @@ def test_killed_worker_point_completes_on_the_other(api_url, local_sweep, tmp_pa
     local_root, _ = local_sweep
     root = copy_project(tmp_path / "p")
     workspaces = tmp_path / "ws"
-    cluster = DaskCluster(root, api_url, workspaces, ["victim", "survivor"])
+    cluster = DaskCluster(root.parent, _workers_env(root, api_url, workspaces), ["victim", "survivor"])
     try:
         sweep = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--json", "--sparsity", "0.3,0.4,0.5,0.6",
-                                  "--name", "s", "--runner", cluster.address], cwd=root, env=_env(api_url),
+                                  "--name", "s", "--runner", cluster.address, *ONE_THREAD], cwd=root, env=_env(api_url),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while not any("-victim-" in p.name for p in workspaces.glob("*")) and time.monotonic() < deadline:
