@@ -59,14 +59,25 @@ def _cli(root: Path, api: str, *args: str) -> dict:
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
-def _results(root: Path, name: str) -> dict[str, bytes]:
-    """The bytes that must not depend on where a point ran: masks and metrics of every point."""
+def _mask_bits(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """A mask file's metadata and every tensor's bytes (safetensors writes the metadata map in
+    no fixed order, so the header bytes alone may differ between two processes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata(), {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
+
+
+def _results(root: Path, name: str) -> dict:
+    """What must not depend on where a point ran: every point's masks, sparsity and metrics,
+    and the sweep's metrics (timings and timestamps aside)."""
     base = root / "artifacts" / "sweeps" / name
-    found = {f"report/results.json": (base / "report" / "results.json").read_bytes()}
+    found: dict = {"report/results.json": (base / "report" / "results.json").read_bytes()}
     for point in sorted(p.name for p in base.iterdir() if p.name != "report"):
-        found[f"{point}/masks"] = (base / point / "masks" / "masks.safetensors").read_bytes()
+        found[f"{point}/masks"] = _mask_bits(base / point / "masks" / "masks.safetensors")
         found[f"{point}/sparsity"] = (base / point / "masks" / "sparsity.json").read_bytes()
-        found[f"{point}/result"] = (base / point / "evaluate" / "result.json").read_bytes()
+        found[f"{point}/metrics"] = (base / point / "evaluate" / "metrics.json").read_bytes()
+    assert len(found) == 1 + 3 * len(POINTS)
     return found
 
 
