@@ -8,7 +8,7 @@ workspace set-up, masks, prune, evaluate per point, adoption into the main dvc.l
 Prefect runs against one ephemeral server started before any measurement.
 
     .venv/bin/python benchmarks/bench_sweep_distributed.py [--work DIR] [--points 0.3,0.4,0.5,0.6]
-        [--nsamples 16] [--seqlen 256] [--max-windows 16] [--json results.json]
+        [--nsamples 16] [--seqlen 256] [--max-windows 8] [--json results.json]
 
 Prints both wall times and the ratio (target: 2 workers at least 1.7x faster than 1). The ratio
 needs at least two free cores; on a loaded machine it measures the load.
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences (small: it is a benchmark "
                         "of the scheduling, not of the pruning)")
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--max-windows", type=int, default=16, help="perplexity windows per point")
+    parser.add_argument("--max-windows", type=int, default=8, help="perplexity windows per point")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.work.exists():
@@ -72,8 +72,7 @@ def main() -> None:
 
     warm_up()
     overrides = ["statistics.mode=one_pass", f"calibration.nsamples={args.nsamples}",
-                 f"calibration.seqlen={args.seqlen}", f"evaluate.perplexity.max_windows={args.max_windows}",
-                 "evaluate.zeroshot=null"]
+                 f"calibration.seqlen={args.seqlen}", f"evaluate.perplexity.max_windows={args.max_windows}"]
     base = make_repo(args.work / "base", overrides)
     started = time.perf_counter()
     prune_pipeline(repo=str(base), targets=["statistics", "dense_eval"], track=False)

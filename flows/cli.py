@@ -97,7 +97,7 @@ def _print_outcomes(result: dict) -> None:
     rows = outcomes_table([StageOutcome(**o) for o in result["outcomes"]])
     width = max(len(r["stage"]) for r in rows)
     for row in rows:
-        extra = f"  ({row['reason']})" if row["reason"] else ""
+        extra = (f"  on {row['worker']}" if row["worker"] else "") + (f"  ({row['reason']})" if row["reason"] else "")
         print(f"{row['stage'].ljust(width)}  {row['action']:<9}  {row['task s']:>7.2f}s{extra}")
 
 

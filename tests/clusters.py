@@ -3,9 +3,11 @@ stopped (or killed) by its own pid. Used by the distributed sweep tests and the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,11 +82,13 @@ class RayHead:
         self.logs = logs / f"ray-{self.client_port}"
         self.logs.mkdir(parents=True)
         gcs_port, worker_base = free_port(), 30000 + self.client_port % 20000
+        # Ray's socket paths must stay under 107 bytes: a short folder, not the test's own.
+        self.temp = Path(tempfile.mkdtemp(prefix="wray-"))
         argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--port", str(gcs_port), "--ray-client-server-port", str(self.client_port),
                 "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 200),
                 "--num-cpus", str(cpus), "--include-dashboard", "false", "--disable-usage-stats",
-                "--temp-dir", str(self.logs / "t")]
+                "--temp-dir", str(self.temp)]
         with open(self.logs / "head.log", "w") as out:
             self.proc = subprocess.Popen(argv, cwd=self.logs, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
                                          stdout=out, stderr=subprocess.STDOUT)
@@ -112,3 +116,4 @@ class RayHead:
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        shutil.rmtree(self.temp, ignore_errors=True)
