@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned first so nothing later resolves a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[eval,pipeline,dev,deploy]'
+	$(PY) -m pip install --quiet -e '.[eval,pipeline,dev,deploy,distributed]'
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM)
 	touch $(STAMP)
 

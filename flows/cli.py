@@ -54,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("-A", "--axis", action="append", default=[], metavar="KEY=V1,V2",
                        help="any calibration.*, statistics.* or masks.* parameter")
     sweep.add_argument("--name", default="sweep", help="sweep name: sweeps/NAME/dvc.yaml (default: sweep)")
-    sweep.add_argument("--workers", type=int, help="points run in parallel (default: one per 4 cores)")
+    sweep.add_argument("--workers", type=int, help="local points run in parallel (default: one per 4 cores)")
+    sweep.add_argument("--runner", metavar="RUNNER", help="where points run: local, dask://HOST:PORT (a Dask "
+                       "scheduler) or ray://HOST:PORT (a Ray cluster's client port); default: sweep.runner of "
+                       "the parameters, else local")
 
     status = sub.add_parser("status", help="which stages are cached, stale or missing, and why")
     status.add_argument("--json", action="store_true")
@@ -94,7 +97,7 @@ def _print_outcomes(result: dict) -> None:
     rows = outcomes_table([StageOutcome(**o) for o in result["outcomes"]])
     width = max(len(r["stage"]) for r in rows)
     for row in rows:
-        extra = f"  ({row['reason']})" if row["reason"] else ""
+        extra = (f"  on {row['worker']}" if row["worker"] else "") + (f"  ({row['reason']})" if row["reason"] else "")
         print(f"{row['stage'].ljust(width)}  {row['action']:<9}  {row['task s']:>7.2f}s{extra}")
 
 
@@ -109,12 +112,14 @@ def _validate_first(args) -> None:
     _check_targets(getattr(args, "target", None))
     preflight(params, root)
     if args.command == "sweep":
+        from flows.runners import sweep_settings
         from flows.sweep import parse_axes
         from flows.sweep_plan import plan_sweep
         from tasks.params import apply_overrides, read_yaml
 
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
+        sweep_settings(params.sweep, args.runner)
 
 
 def _check_targets(targets: list[str] | None) -> None:
@@ -156,12 +161,15 @@ def cmd_sweep(args) -> int:
 
     _validate_first(args)
     result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
-                   repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache)
+                   repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
     _print_outcomes(result)
     print(result["table"])
+    from flows.sweep import placement_table
+
+    print(placement_table(result["placement"]), end="")
     print(f"plot: {result['plot']}")
     print(f"done in {result['seconds']:.1f}s")
     return EXIT_OK

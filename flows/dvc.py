@@ -54,11 +54,13 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], root: Path, sink: LineSink | None = None, check: bool = True) -> tuple[int, list[str]]:
-    """Run ``dvc ARGS`` in ``root``; every output line goes to ``sink`` as it arrives."""
+def run(args: list[str], root: Path, sink: LineSink | None = None, check: bool = True,
+        env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run ``dvc ARGS`` in ``root``; every output line goes to ``sink`` as it arrives. ``env``:
+    extra variables for DVC and the stages it runs (a sweep point's threads and GPUs)."""
     argv = [sys.executable, "-m", "dvc", *args]
     lines: list[str] = []
-    with subprocess.Popen(argv, cwd=root, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(argv, cwd=root, env={**environment(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -120,20 +122,22 @@ def _action(lines: list[str]) -> str:
 
 
 def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = False,
-          run_cache: bool = True, warn: LineSink | None = None) -> ReproOutcome:
+          run_cache: bool = True, warn: LineSink | None = None,
+          env: dict[str, str] | None = None) -> ReproOutcome:
     """Bring one stage up to date (``dvc repro --single-item``) and say what DVC did.
 
     DVC checks out cached outputs without re-hashing them, so a damaged cache object would be
     copied in and then reported up to date. Whatever DVC did not compute itself (restored or
     checked out) is verified here against ``dvc.lock``; on a mismatch the bad cache objects are
-    removed and the stage re-runs, with a warning (``warn``, and this module's log).
+    removed and the stage re-runs, with a warning (``warn``, and this module's log). ``env`` adds variables
+    for DVC and the stages it runs (a sweep point's threads and GPUs).
     """
     args = ["repro", "--single-item", target]
     if force:
         args.append("--force")
     if not run_cache:
         args.append("--no-run-cache")
-    _, lines = run(args, root, sink)
+    _, lines = run(args, root, sink, env=env)
     action = _action(lines)
     if action == "ran":
         return ReproOutcome(action, lines)
@@ -147,7 +151,7 @@ def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = F
     log.warning("%s", message)
     if warn is not None:
         warn(message)
-    _, more = run(["repro", "--single-item", "--force", "--no-run-cache", target], root, sink)
+    _, more = run(["repro", "--single-item", "--force", "--no-run-cache", target], root, sink, env=env)
     still = damaged_outputs(root, target)
     if still:
         raise DvcError(f"{target}: outputs still differ from dvc.lock after re-running: {still[0].describe()}")
@@ -260,13 +264,6 @@ def drop_damaged(root: Path, damages: list[Damage]) -> int:
                 obj.unlink()
                 removed += 1
     return removed
-
-
-def commit(root: Path, targets: list[str], sink: LineSink | None = None) -> None:
-    """Record stages that ran outside ``dvc repro`` (parallel sweeps): lock entries, cache and
-    run cache, as if DVC had run them."""
-    if targets:
-        run(["commit", "--force", *targets], root, sink)
 
 
 def dag(root: Path, fmt: str | None = None, target: str | None = None) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ class StageOutcome:
     wall_s: float | None = None  # the stage's own wall time, as its manifest recorded it
     peak_memory_mb: float | None = None
     folder: str = ""
+    worker: str | None = None  # where a sweep point's stage ran (flows.points)
 
     @property
     def did_work(self) -> bool:
@@ -83,21 +82,10 @@ class _Sink:
             self.logger.info("%s", line)
 
 
-_SLOTS: dict[int, threading.BoundedSemaphore] = {}
-_SLOTS_LOCK = threading.Lock()
-
-
-def _slots(workers: int) -> threading.BoundedSemaphore:
-    """At most ``workers`` stage commands at once, however many tasks the runner has started."""
-    with _SLOTS_LOCK:
-        return _SLOTS.setdefault(workers, threading.BoundedSemaphore(workers))
-
-
 @task(name="stage", task_run_name="{plan.address}", cache_policy=NO_CACHE)
-def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: bool = True,
-                   direct: bool = False, workers: int = 1):
-    """One stage: ``Cached`` when DVC said up to date, else through DVC (or directly, for
-    parallel sweep points, which the flow then records with ``dvc commit``)."""
+def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: bool = True):
+    """One stage: ``Cached`` when DVC said up to date, else through DVC. (Parallel sweep points
+    run in their own workspaces: flows.points.)"""
     logger = get_run_logger()
     started = time.perf_counter()
     root_path = Path(root)
@@ -107,35 +95,12 @@ def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: boo
                          message="up to date in DVC: parameters, input bytes and code unchanged")
     if plan.force_reason:
         logger.info("%s: re-running: %s", plan.address, plan.force_reason)
-    if direct:
-        with _slots(workers):
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            _run_command(plan, root_path, _Sink(logger), threads)
-        action = "ran"
-    else:
-        action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache,
-                           warn=logger.warning).action
+    action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache,
+                       warn=logger.warning).action
     outcome = _outcome(plan, root_path, action, time.perf_counter() - started)
     if outcome.status == "skipped":
         logger.info("%s skipped: %s", plan.address, outcome.reason)
     return asdict(outcome)
-
-
-def _run_command(plan: StagePlan, root: Path, sink, threads: int | None) -> None:
-    env = dvc.environment()
-    if threads:
-        # Parallel stages share the cores instead of each taking all of them.
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[key] = str(threads)
-    with subprocess.Popen(plan.command, shell=True, cwd=root, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.strip():
-                sink(line.rstrip("\n"))
-        code = process.wait()
-    if code != 0:
-        raise dvc.DvcError(f"stage {plan.address} failed (exit {code}): {plan.command}")
 
 
 def stale_from_status(status: dict[str, list]) -> set[str]:
@@ -191,6 +156,6 @@ def default_workers() -> int:
 def outcomes_table(outcomes: list[StageOutcome]) -> list[dict[str, Any]]:
     return [
         {"stage": o.address, "action": o.action, "status": o.status or "", "stage wall s": o.wall_s,
-         "task s": o.seconds, "peak MiB": o.peak_memory_mb, "reason": o.reason or ""}
+         "task s": o.seconds, "peak MiB": o.peak_memory_mb, "worker": o.worker or "", "reason": o.reason or ""}
         for o in outcomes
     ]

@@ -40,6 +40,15 @@ class RobustnessParams(_RunParams):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     name: str = Field("calibration-robustness", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     workers: int | None = Field(None, ge=1)
+    runner: str | None = Field(None, description="local, dask://HOST:PORT or ray://HOST:PORT; None: the "
+                               "parameters' sweep.runner")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, value: str | None) -> str | None:
+        from flows.runners import sweep_settings
+
+        return None if value is None else sweep_settings({}, value).runner
 
     @field_validator("nsamples")
     @classmethod
@@ -91,18 +100,18 @@ def nightly_prune(params_file: str | None = None, overrides: list[str] | None = 
 def calibration_robustness(nsamples: list[int] | None = None, seeds: list[int] | None = None,
                            name: str = "calibration-robustness", params_file: str | None = None,
                            overrides: list[str] | None = None, repo: str = ".", workers: int | None = None,
-                           dvc_remote: str | None = None, dvc_remote_name: str = "wanda",
+                           runner: str | None = None, dvc_remote: str | None = None, dvc_remote_name: str = "wanda",
                            dvc_remote_options: dict[str, str] | None = None, pull: bool = True,
                            push: bool = True, run_cache: bool = True) -> dict:
     """How much the pruned model depends on the calibration sample: a sweep over calibration
     sizes x sampling seeds (one mask per point, the same evaluation windows), between a
-    ``dvc pull`` and a ``dvc push``."""
+    ``dvc pull`` and a ``dvc push``; ``runner`` places the points (local, Dask or Ray)."""
     params, root = _prepare(RobustnessParams, dict(locals()))  # first: locals() are the parameters
     from flows.sweep import sweep
 
     with _synced(root, params) as remote_name:
         result = sweep(axes=params.axes(), name=params.name, params_file=params.params_file,
-                       overrides=params.overrides, repo=str(root), workers=params.workers)
+                       overrides=params.overrides, repo=str(root), workers=params.workers, runner=params.runner)
     get_run_logger().info("pushed to DVC remote %s", remote_name)
     return {"points": result["points"], "dense_perplexity": result["dense_perplexity"], "table": result["table"],
             "seconds": result["seconds"], "dvc_remote": remote_name}

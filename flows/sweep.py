@@ -3,11 +3,14 @@
 1. The shared stages (base model, calibration, statistics, dense evaluation) run once through
    the main pipeline, cached by DVC like any run.
 2. The points' own stages are a generated DVC pipeline (``sweeps/<name>/dvc.yaml``, see
-   :mod:`flows.sweep_plan`). With one worker each runs through ``dvc repro`` (run cache and all).
-   With more workers the points run in parallel (DVC holds one repository lock, so it cannot run
-   two stages at once): stale stages run their command directly, then one ``dvc commit`` records
-   them exactly as ``dvc repro`` would have (lock entries, cache, run cache).
-3. The report stage writes the comparison table and the perplexity-vs-sparsity plot.
+   :mod:`flows.sweep_plan`). With one local worker each runs through ``dvc repro`` in the main
+   workspace (run cache and all). Otherwise every point is one Prefect task on the chosen task
+   runner (``sweep.runner``: threads here, a Dask scheduler, a Ray cluster; :mod:`flows.runners`)
+   and runs in its own workspace over the shared DVC cache (:mod:`flows.workspace`), so no point
+   waits for another's DVC lock; one ``dvc repro`` in the main workspace then restores them from
+   the run cache, leaving ``dvc.lock`` as a local run would.
+3. The report stage writes the comparison table and the perplexity-vs-sparsity plot; the flow
+   adds where each point ran and how long it took.
 """
 from __future__ import annotations
 
@@ -19,18 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from tasks import graph
 from tasks.params import read_yaml
 
-from . import dvc
-from .execution import (StageOutcome, StagePlan, call_stage, default_workers, known_clean, run_sequential,
-                        run_stage_task)
+from . import dvc, runners
+from .execution import (StageOutcome, StagePlan, _outcome, _Sink, call_stage, default_workers, known_clean,
+                        run_sequential)
 from .pipeline import main_plans
+from .points import PointJob, Progress, run_point_task
 from .prepare import open_run
 from .reporting import publish_sweep
 from .sweep_plan import SweepPlan, plan_sweep, write_sweep_files
+from .workspace import adopt, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +57,6 @@ def report_plan(plan: SweepPlan) -> StagePlan:
     return StagePlan(address=plan.report_address, stage="report", folder=plan.report_folder, upstream=upstream)
 
 
-def _run_parallel(plans: list[StagePlan], root: Path, stale: set[str], workers: int) -> list[StageOutcome]:
-    """Point chains in parallel: each stage waits for its upstream tasks only."""
-    futures: dict[str, Any] = {}
-    for plan in plans:
-        clean = plan.address not in stale and not any(up in stale for up in _closure(plan, plans))
-        waits = [futures[up] for up in plan.upstream if up in futures]
-        futures[plan.address] = run_stage_task.submit(plan, str(root), clean, True, True, workers, wait_for=waits)
-    wait(list(futures.values()))
-    return [StageOutcome(**futures[plan.address].result()) for plan in plans]
-
-
-def _closure(plan: StagePlan, plans: list[StagePlan]) -> set[str]:
-    index = {p.address: p for p in plans}
-    found, stack = set(), list(plan.upstream)
-    while stack:
-        current = stack.pop()
-        if current in index and current not in found:
-            found.add(current)
-            stack.extend(index[current].upstream)
-    return found
-
-
 def parse_axes(items: list[str]) -> dict[str, list[Any]]:
     from .sweep_plan import parse_axis
 
@@ -84,17 +67,45 @@ def parse_axes(items: list[str]) -> dict[str, list[Any]]:
     return axes
 
 
-@flow(name="sweep", log_prints=False)
-def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, overrides: list[str] | None = None,
-          repo: str = ".", workers: int | None = None, run_cache: bool = True) -> dict:
-    """``axes``: ``["masks.sparsity=0.3,0.4,0.5", "masks.method=wanda,magnitude", ...]``.
+def settings_for(repo: str, params_file: str | None, overrides: list[str] | None,
+                 runner: str | None) -> runners.SweepSettings:
+    """The validated ``sweep:`` settings of the run's parameters (``runner`` wins): known before
+    the flow starts, since the flow's task runner depends on them."""
+    from .prepare import resolve_params_file
+    from tasks.params import load_params
 
-    Returns the per-point rows, the table, the plot path and what every stage did.
-    """
+    root = dvc.find_root(repo)
+    return runners.sweep_settings(load_params(resolve_params_file(root, params_file), overrides).sweep, runner)
+
+
+def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, overrides: list[str] | None = None,
+          repo: str = ".", workers: int | None = None, run_cache: bool = True, runner: str | None = None) -> dict:
+    """``axes``: ``["masks.sparsity=0.3,0.4,0.5", "masks.method=wanda,magnitude", ...]``;
+    ``runner``: ``local`` | ``dask://HOST:PORT`` | ``ray://HOST:PORT`` (default: params.yaml's
+    ``sweep.runner``). Returns the per-point rows, the table, the plot path, what every stage did
+    and where every point ran."""
+    settings = settings_for(repo, params_file, overrides, runner)
+    workers = workers or default_workers()
+    if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
+        log.info("runner %s: workers able to take a point: %s", settings.runner,
+                 ", ".join(runners.check_cluster(settings)))
+    flow_run = sweep_flow.with_options(task_runner=runners.task_runner(settings, workers))
+    return flow_run(axes=axes, name=name, params_file=params_file, overrides=overrides, repo=repo, workers=workers,
+                    run_cache=run_cache, runner=settings.runner)
+
+
+@flow(name="sweep", log_prints=False)
+def sweep_flow(axes: list[str], name: str = "sweep", params_file: str | None = None,
+               overrides: list[str] | None = None, repo: str = ".", workers: int | None = None,
+               run_cache: bool = True, runner: str | None = None) -> dict:
+    """The sweep on the task runner :func:`sweep` chose (call that, not this)."""
     logger = get_run_logger()
     started = time.perf_counter()
     root, base = open_run(repo, params_file, overrides, logger)
+    settings = runners.sweep_settings(base.sweep, runner)
     plan = plan_sweep(name, parse_axes(axes), base, read_yaml(root / "params.yaml"))
+    workers = workers or default_workers()
+    distributed = settings.kind != "local" or (workers > 1 and len(plan.points) > 1)
     write_sweep_files(root, plan)
     logger.info("sweep %s: %d points (%s); shared stages: %s", name, len(plan.points),
                 ", ".join(p.name for p in plan.points), ", ".join(plan.shared_stages()))
@@ -106,11 +117,9 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     points = point_plans(plan)
     # Asked after the shared stages ran, so points whose shared inputs changed show as stale.
     stale = set(dvc.status(root, [plan.dvc_file]))
-    workers = workers or default_workers()
-    if workers > 1 and len(plan.points) > 1:
-        logger.info("running %d points on %d workers", len(plan.points), workers)
-        point_outcomes = _run_parallel(points, root, stale, workers)
-        dvc.commit(root, [o.address for o in point_outcomes if o.did_work], sink=logger.info)
+    placement: list[dict[str, Any]] = []
+    if distributed:
+        point_outcomes, placement = _run_points(plan, points, root, stale, settings, workers, run_cache, logger)
     else:
         point_outcomes = run_sequential(points, root, run_cache, stale=stale)
     outcomes += point_outcomes
@@ -125,9 +134,63 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     table = (root / plan.report_folder / "table.md").read_text()
     plot = root / plan.report_folder / "perplexity_vs_sparsity.png"
     rows = [{k: v for k, v in row.items() if k != "overrides"} for row in results["points"]]
-    publish_sweep(name, table, rows, plot, outcomes)
+    publish_sweep(name, table + placement_table(placement), rows, plot, outcomes)
     seconds = round(time.perf_counter() - started, 3)
     logger.info("sweep %s done in %.1fs", name, seconds)
     return {"points": results["points"], "dense_perplexity": results["dense_perplexity"], "table": table,
             "plot": str(plot), "outcomes": [asdict(o) for o in outcomes], "seconds": seconds,
-            "dvc_file": plan.dvc_file}
+            "dvc_file": plan.dvc_file, "runner": settings.runner, "placement": placement}
+
+
+def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set[str],
+                settings: runners.SweepSettings, workers: int, run_cache: bool,
+                logger) -> tuple[list[StageOutcome], list[dict[str, Any]]]:
+    """Every point with a stale stage as one task on the task runner, each in its own workspace;
+    then one ``dvc repro`` here restores their stages from the run cache."""
+    index = {s.address: s for s in points}
+    by_point = {p.name: [index[plan.address(p, stage)] for stage in p.stages] for p in plan.points}
+    todo = {name: stages for name, stages in by_point.items() if any(s.address in stale for s in stages)}
+    done: dict[str, dict[str, Any]] = {}
+    if todo:
+        source = snapshot(root, plan.shared_stages())
+        resources = settings.resources
+        if settings.kind == "local" and resources.threads is None:
+            # Threads here: the points share this host's cores.
+            resources = resources.model_copy(update={"threads": runners.pinned_threads(workers)})
+        task = run_point_task.with_options(retries=settings.retries, retry_delay_seconds=1)
+        futures = []
+        logger.info("running %d point(s) on %s", len(todo), settings.runner if settings.kind != "local"
+                    else f"{workers} local workers")
+        for name, stages in todo.items():
+            job = PointJob(plan.name, name, stages, source, resources, settings.workspaces, run_cache)
+            with runners.placement(settings):
+                futures.append(task.submit(job))
+        progress = Progress(plan.name, len(futures), logger)
+        try:
+            for future in as_completed(futures):
+                result = future.result()  # a point that failed after its retries fails the sweep
+                done[result["point"]] = result
+                progress.finished(result)
+        finally:
+            progress.close()
+        ran = [o["address"] for r in done.values() for o in r["outcomes"] if o["action"] in ("ran", "restored")]
+        adopt(root, ran, sink=_Sink(logger))
+    outcomes = []
+    for name, stages in by_point.items():
+        if name in done:
+            worker = done[name]["worker"]
+            outcomes += [StageOutcome(**{**o, "worker": worker}) for o in done[name]["outcomes"]]
+        else:
+            outcomes += [_outcome(s, root, "cached", 0.0) for s in stages]
+    placement = [{"point": r["point"], "worker": r["worker"], "host": r["host"], "wall_s": r["seconds"]}
+                 for r in (done[name] for name in by_point if name in done)]
+    return outcomes, placement
+
+
+def placement_table(placement: list[dict[str, Any]]) -> str:
+    """Where each point ran and how long it took (worker wall time, workspace set-up included)."""
+    if not placement:
+        return ""
+    lines = ["", "## Where the points ran", "", "| point | worker | host | wall s |", "|---|---|---|---:|"]
+    lines += [f"| {p['point']} | {p['worker']} | {p['host']} | {p['wall_s']:.1f} |" for p in placement]
+    return "\n".join(lines) + "\n"

@@ -312,6 +312,8 @@ class PipelineParams(Section):
     # Read by the release flows (flows/release.py, flows/tracking.py), not by any stage here.
     gate: GateCriteria | None = None
     tracking: TrackingConfig | None = None
+    # Read by the sweep flow (where points run, what each needs), validated by flows/runners.py.
+    sweep: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _prune_config(self) -> "PipelineParams":

@@ -77,7 +77,7 @@ def test_sweep_shares_statistics_runs_points_in_parallel_and_caches(harness, tmp
     assert (root / "artifacts/sweeps/t/report/block_sparsity.png").stat().st_size > 1000
     assert "| sparsity-0_6 |" in result["table"]
     assert read_manifest(root / "artifacts/statistics") == stats_before  # one statistics pass served both
-    assert status(root) == {}  # the parallel points were recorded with dvc commit
+    assert status(root) == {}  # the parallel points (own workspaces) landed in dvc.lock via the run cache
     assert "wanda-sweep-t" in _artifact_keys()
     from flows.status import pipeline_status
 

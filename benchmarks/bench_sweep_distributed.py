@@ -1,0 +1,111 @@
+"""A 4-point sweep of the embedded model on a Dask cluster: 1 worker against 2 workers.
+
+Each worker runs one point at a time on one thread (``dask worker --nthreads 1``, points pinned
+to ``OMP_NUM_THREADS=1`` by ``sweep.resources.threads=1``). The shared stages (base model,
+calibration, one-pass statistics, dense evaluation) run once, before either measurement, in a
+repository both measurements copy (its DVC cache included), so the timings are the points alone:
+workspace set-up, masks, prune, evaluate per point, adoption into the main dvc.lock, the report.
+Prefect runs against one ephemeral server started before any measurement.
+
+    .venv/bin/python benchmarks/bench_sweep_distributed.py [--work DIR] [--points 0.3,0.4,0.5,0.6]
+        [--nsamples 16] [--seqlen 256] [--max-windows 8] [--json results.json]
+
+Prints both wall times and the ratio (target: 2 workers at least 1.7x faster than 1). The ratio
+needs at least two free cores; on a loaded machine it measures the load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_pipeline import make_repo  # noqa: E402
+from tasks.common import OFFLINE_ENV  # noqa: E402
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+def _git_commit(root: Path) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
+           "GIT_COMMITTER_EMAIL": "b@b"}
+    for argv in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "shared stages"]):
+        subprocess.run(argv, cwd=root, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wanda-bench-distributed"))
+    parser.add_argument("--points", default="0.3,0.4,0.5,0.6")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences (small: it is a benchmark "
+                        "of the scheduling, not of the pruning)")
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--max-windows", type=int, default=8, help="perplexity windows per point")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    os.environ.setdefault("PREFECT_HOME", str(args.work / "prefect-home"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from wanda.data import shared_data_dir
+
+    os.environ.setdefault("WANDA_SHARED_DATA", str(shared_data_dir()))
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import prune_pipeline
+    from flows.sweep import sweep
+    from tests.clusters import DaskCluster
+
+    @flow(name="warm-up")
+    def warm_up() -> str | None:
+        return PREFECT_API_URL.value()
+
+    warm_up()
+    overrides = ["statistics.mode=one_pass", f"calibration.nsamples={args.nsamples}",
+                 f"calibration.seqlen={args.seqlen}", f"evaluate.perplexity.max_windows={args.max_windows}"]
+    base = make_repo(args.work / "base", overrides)
+    started = time.perf_counter()
+    prune_pipeline(repo=str(base), targets=["statistics", "dense_eval"], track=False)
+    shared_s = time.perf_counter() - started
+    _git_commit(base)
+    print(f"shared stages (once, not timed below): {shared_s:.1f}s", flush=True)
+
+    axis = [f"masks.sparsity={args.points}"]
+    results: dict = {"points": args.points.split(","), "cpus": os.cpu_count(), "nsamples": args.nsamples,
+                     "seqlen": args.seqlen, "max_windows": args.max_windows, "shared_s": round(shared_s, 1)}
+    for workers in (1, 2):
+        repo = args.work / f"workers-{workers}"
+        shutil.copytree(base, repo, symlinks=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "WANDA_WORKSPACES": str(args.work / f"ws-{workers}")}
+        names = [f"w{i + 1}" for i in range(workers)]
+        cluster = DaskCluster(args.work, env, names)
+        try:
+            started = time.perf_counter()
+            result = sweep(axes=axis, name="bench", repo=str(repo), runner=cluster.address,
+                           overrides=["sweep={resources: {threads: 1}}"])
+            seconds = time.perf_counter() - started
+        finally:
+            cluster.stop()
+        used = sorted({p["worker"] for p in result["placement"]})
+        results[f"workers_{workers}_s"] = round(seconds, 1)
+        results[f"workers_{workers}_placement"] = result["placement"]
+        print(f"{workers} worker(s) ({', '.join(used)}): {seconds:.1f}s", flush=True)
+    results["speedup"] = round(results["workers_1_s"] / results["workers_2_s"], 2)
+    print(f"2 workers vs 1: {results['speedup']:.2f}x faster (target >= 1.7x)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
