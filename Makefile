@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/wanda-pipeline run --release $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not integration"

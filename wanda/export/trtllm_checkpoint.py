@@ -280,28 +280,28 @@ _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_n
 
 def _refuse_moe(model) -> None:
     """Mixture-of-experts models have per-expert MLPs and a router this writer does not map
-    (TRT-LLM wants ``moe_config`` and ``mlp.fc``/``mlp.proj`` stacked per expert)."""
+    (TRT-LLM wants ``moe_config`` and ``mlp.fc``/``mlp.proj`` stacked per expert). Named by the
+    config's expert count and by the experts containers found, so a Mixtral never reads as a
+    mere unknown model type."""
+    from ..experts import expert_containers
+
     c = model.config
     experts = next((int(v) for f in _EXPERT_FIELDS if isinstance(v := getattr(c, f, None), int) and v > 1), None)
-    if experts is not None or "moe" in str(getattr(c, "model_type", "")).lower():
-        raise UnsupportedArchitectureError(
-            f"TensorRT-LLM export does not support mixture-of-experts models ({type(model).__name__}, "
-            f"model_type {getattr(c, 'model_type', '?')!r}, {experts or 'several'} experts): the checkpoint writer "
-            "maps dense LLaMA-family MLPs only; export the dense safetensors folder instead")
+    containers = expert_containers(model)
+    if experts is None and not containers and "moe" not in str(getattr(c, "model_type", "")).lower():
+        return
+    where = f"; experts containers: {containers[0][0]}, ... ({len(containers)})" if containers else ""
+    raise UnsupportedArchitectureError(
+        f"TensorRT-LLM export does not support mixture-of-experts models ({type(model).__name__}, "
+        f"model_type {getattr(c, 'model_type', '?')!r}, {experts or 'several'} experts{where}): the checkpoint "
+        "writer maps dense LLaMA-family MLPs only; export the dense safetensors folder instead, or convert it "
+        f"with TensorRT-LLM's own MoE converter (supported here: {', '.join(sorted(ARCHITECTURES))})")
 
 
 def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConfig:
     """The TRT-LLM config of a transformers LLaMA-family model (refuses other architectures)."""
     _refuse_moe(model)
     kind = model_type(model)
-    from ..experts import expert_containers
-
-    moe = expert_containers(model)
-    if moe:  # named first: a Mixtral must not read as a mere unknown model type
-        raise UnsupportedArchitectureError(
-            f"TensorRT-LLM checkpoint export does not write mixture-of-experts models: model_type {kind!r} has "
-            f"{len(moe)} experts containers ({moe[0][0]}, ...); export it with TensorRT-LLM's own MoE converter "
-            f"from the pruned model folder (supported here: {', '.join(sorted(ARCHITECTURES))})")
     if kind not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"TensorRT-LLM export supports model_type {', '.join(sorted(ARCHITECTURES))}; "
