@@ -6,6 +6,7 @@ the same weights (prefill and cached decode steps), and its 2:4 rule equals wand
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,15 @@ sys.path.remove(str(ROOT / "benchmarks"))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_script_refuses_without_a_gpu_and_rejects_bad_arguments(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter with torch (CI has no torch on PATH)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out",
-                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "gpu_check needs a CUDA GPU of compute capability >= 8.0" in proc.stderr
     assert "would measure 7 shapes x tokens [1, 16, 128, 2048]" in proc.stderr
     assert not (tmp_path / "r.json").exists()
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tokens", "0,16"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--tokens" in bad.stderr
 
 

@@ -41,7 +41,7 @@ CASES = {
     "corrupt-config": (_corrupt_model_config, "model.source: "),
     "unknown-target": (lambda root: ["--target", "maks"], "--target: unknown stage 'maks' (allowed: materialize, "),
     "tracking-typo": (lambda root: ["-S", "tracking.experimnt=x"],
-                      "tracking.experimnt: Extra inputs are not permitted (allowed: tracking_uri, "),
+                      "tracking.experimnt: unknown parameter (allowed: tracking_uri, "),
 }
 
 
