@@ -19,8 +19,8 @@ _LOADING = ("wanda/model_io.py", "wanda/placement.py")
 # How blocks are run and where they come from (loaded model or streamed shards).
 _STREAMING = ("wanda/activations.py", "wanda/block_source.py", "wanda/checkpoint.py")
 _BLOCKWISE = ("wanda/architecture.py", "wanda/blocks.py", "wanda/statistics.py", "wanda/prune.py",
-              "wanda/streaming.py") + _STREAMING
-_MASKING = ("wanda/config.py", "wanda/scores.py", "wanda/masks.py")
+              "wanda/driver.py", "wanda/targets.py", "wanda/streaming.py") + _STREAMING
+_MASKING = ("wanda/config.py", "wanda/masks.py")
 _EVALUATION = ("wanda/data.py", "wanda/evaluation/perplexity.py", "wanda/evaluation/zeroshot.py",
                "wanda/evaluation/results.py", "wanda/evaluation/report.py", "wanda/architecture.py",
                "wanda/blocks.py") + _STREAMING

@@ -7,14 +7,12 @@ Gemma, Phi-3 keep them at ``model.layers``, OPT at ``model.decoder.layers``, GPT
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitectureError
-
-NEVER_PRUNED = ("lm_head", "embed", "wte", "wpe", "embed_out")
+from .targets import NEVER_PRUNED, block_targets, matches as _matches  # noqa: F401  (NEVER_PRUNED re-exported)
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def discover(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> BlockLayout:
     """Find blocks and target linear layers.
 
@@ -84,16 +78,9 @@ def discover(model: nn.Module, targets: list[str] | None = None, ignore: list[st
     path, blocks = find_blocks(model)
     per_block: list[tuple[str, ...]] = []
     for index, block in enumerate(blocks):
-        chosen = []
-        for rel, module in block.named_modules():
-            if not rel or not isinstance(module, nn.Linear):
-                continue
-            full = f"{path}.{index}.{rel}"
-            if any(part in rel.split(".")[-1] for part in NEVER_PRUNED):
-                continue
-            if _matches(full, targets) and not _matches(full, ignore):
-                chosen.append(rel)
-        per_block.append(tuple(chosen))
+        # Every registered target kind's discoverer (wanda.targets); names relative to the block.
+        found = block_targets(block, f"{path}.{index}", targets, ignore)
+        per_block.append(tuple(t.name.removeprefix(f"{path}.{index}.") for t in found))
     layout = BlockLayout(blocks_path=path, num_blocks=len(blocks), targets=tuple(per_block))
     if not layout.all_targets():
         raise ConfigError(
