@@ -292,7 +292,6 @@ def _refuse_moe(model) -> None:
 
 def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConfig:
     """The TRT-LLM config of a transformers LLaMA-family model (refuses other architectures)."""
-    _refuse_moe(model)
     kind = model_type(model)
     from ..experts import expert_containers
 
@@ -302,6 +301,7 @@ def checkpoint_config_for(model, dtype: str = "float16") -> TrtllmCheckpointConf
             f"TensorRT-LLM checkpoint export does not write mixture-of-experts models: model_type {kind!r} has "
             f"{len(moe)} experts containers ({moe[0][0]}, ...); export it with TensorRT-LLM's own MoE converter "
             f"from the pruned model folder (supported here: {', '.join(sorted(ARCHITECTURES))})")
+    _refuse_moe(model)  # MoE configs whose experts are not a fused container (named by config fields)
     if kind not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"TensorRT-LLM export supports model_type {', '.join(sorted(ARCHITECTURES))}; "
