@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PARAMS_FILE = "params.yaml"
 # PruneConfig fields that decide how statistics are collected; every other PruneConfig field
 # belongs to the masks section, so changing it leaves the (expensive) statistics cached.
-STATISTICS_FIELDS = ("mode", "batch_size", "targets", "ignore")
+STATISTICS_FIELDS = ("mode", "batch_size", "targets", "ignore", "expert_policy")
 
 
 class Section(BaseModel):

@@ -45,6 +45,7 @@ def _body(ctx: StageContext) -> StageResult:
     with offload_dir(ctx.params) as scratch:
         stats = collect_statistics(model, calib.tokens, batch_size=section.batch_size, targets=section.targets,
                                    ignore=section.ignore, blocks=blocks, offload_dir=scratch,
+                                   expert_policy=section.expert_policy,
                                    progress=block_progress("statistics: one-pass walk"))
     lineage = ctx.lineage()
     stats.save(ctx.work / STATS, metadata={"base_model_fingerprint": lineage["base_model_fingerprint"],

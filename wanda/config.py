@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from .experts import ExpertPolicy
+
 
 def _registry():
     # Imported on use: the methods import the masks and statistics modules, not this one.
@@ -89,6 +91,10 @@ class PruneConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     targets: list[str] = Field(default_factory=lambda: ["*"])
     ignore: list[str] = Field(default_factory=list)
+
+    # --- mixture-of-experts: statistics of experts that see few calibration tokens ---
+    # Recorded in the masks artifact; changes nothing for models without experts.
+    expert_policy: ExpertPolicy = Field(default_factory=ExpertPolicy)
 
     # --- layer-wise sparsity allocation (OWL) ---
     allocation: Literal["uniform", "owl"] = "uniform"

@@ -28,6 +28,7 @@ from torch import nn
 from .architecture import BlockLayout, find_blocks
 from .blocks import block_inputs, run_block_over
 from .config import PruneConfig
+from .experts import ExpertPolicy, apply_expert_policy
 from .masks import MaskDict, apply_mask
 from .methods.base import Layer, Method
 from .methods.owl import owl_sparsities
@@ -94,15 +95,48 @@ class Pruner:
                 self.masks.metadata[name] = json.dumps(self.report[key])
 
 
+@dataclass
+class ExpertRecord:
+    """What a walk's expert observers saw: routed calibration tokens per expert per container
+    (summed over the walk's forwards) and the experts whose statistics fell back."""
+
+    policy: ExpertPolicy = field(default_factory=ExpertPolicy)
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        """String facts for an artifact's metadata (nothing for a model without experts)."""
+        from .experts import expert_metadata
+
+        return expert_metadata(self.policy, self.tokens, self.fallbacks) if self.tokens else {}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], policy: ExpertPolicy) -> "ExpertRecord":
+        """The record a statistics artifact carries (one-pass statistics, masks computed later)."""
+        if "expert_tokens" not in metadata:
+            return cls(policy)
+        if metadata.get("expert_policy") != policy.describe():
+            from .errors import ArtifactMismatchError
+
+            raise ArtifactMismatchError(
+                f"the statistics were collected with expert policy {metadata.get('expert_policy')!r} but the masks "
+                f"ask for {policy.describe()!r}; collect the statistics again with the same expert_policy")
+        return cls(policy, json.loads(metadata["expert_tokens"]), json.loads(metadata.get("expert_fallbacks", "{}")))
+
+
 @torch.no_grad()
 def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner: Pruner | None = None,
                 tokens: torch.Tensor | None = None, batch_size: int = 8, stats: ActivationStatistics | None = None,
-                offload_dir: str | None = None, progress: Progress | None = None, write: bool = True) -> None:
+                offload_dir: str | None = None, progress: Progress | None = None, write: bool = True,
+                experts: ExpertRecord | None = None) -> None:
     """Visit every block of ``source``; observe when ``tokens`` are given, prune with ``pruner``.
 
     ``write=False`` keeps a streamed source's block writer from seeing this walk's blocks (a dense
-    pre-pass changes nothing).
+    pre-pass changes nothing). ``experts`` gives the expert policy and receives the routed token
+    counts and fallbacks (the observers see the routing; the policy fixes starved experts'
+    statistics after the block is observed and before it is pruned).
     """
+    experts = experts if experts is not None else ExpertRecord()
     observing = tokens is not None
     hessian_method = pruner is not None and pruner.method.calibration == "hessian"
     on_done = getattr(source, "on_done", None)
@@ -124,10 +158,17 @@ def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner
                     if hessian_method:
                         hessians = HessianCollector(weights, offload=pruner.config.sparsegpt_offload)
                         sinks.append(hessians)
-                    with observe(block_targets_, model, _fan_out(sinks)):
+                    block_tokens: dict[str, list[int]] = {}
+                    with observe(block_targets_, model, _fan_out(sinks), expert_policy=experts.policy,
+                                 tokens=block_tokens):
                         run_block_over(block, hidden, calls[index], out=outputs, device=device)
                     for sink in sinks:
                         sink.close()
+                    if block_tokens:
+                        experts.tokens.update(block_tokens)
+                        if stats is not None:
+                            experts.fallbacks.update(apply_expert_policy(stats, block_targets_, block_tokens,
+                                                                         experts.policy))
                 if pruner is not None:
                     # Target by target: a mask depends only on its own weight and statistics, and
                     # handing each on at once keeps one target's mask in memory, not the block's.

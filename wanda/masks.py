@@ -148,17 +148,23 @@ def is_nm(mask_or_weight: torch.Tensor, n: int, m: int, is_mask: bool = True) ->
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], verify: bool = True) -> None:
-    """Zero exactly the masked weights; with ``verify`` check every masked weight is zero after."""
-    modules = dict(model.named_modules())
+    """Zero exactly the masked weights; with ``verify`` check every masked weight is zero after.
+
+    Mask keys are target names (``wanda.targets``): linear and Conv1D module names, and expert
+    matrices ``<container>.<param>[<e>]``; each mask is [out, in] in its target's view.
+    """
+    from .targets import target_of_name
+
     for name, mask in masks.items():
-        module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
-            raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer")
-        if tuple(module.weight.shape) != tuple(mask.shape):
+        try:
+            weight = target_of_name(model, name).weight(model)
+        except KeyError:
+            raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer") from None
+        if tuple(weight.shape) != tuple(mask.shape):
             raise ArtifactMismatchError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}"
+                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}"
             )
-        apply_mask(module.weight.data, mask, name, verify)
+        apply_mask(weight.data, mask, name, verify)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from torch import nn
 from .architecture import discover, model_type
 from .block_source import ResidentBlocks
 from .config import PruneConfig
-from .driver import Progress, Pruner, allocation, layout_targets, walk_blocks
+from .driver import ExpertRecord, Progress, Pruner, allocation, layout_targets, walk_blocks
+from .experts import ExpertPolicy, usable_experts_implementation
 from .errors import ArtifactMismatchError, ConfigError
 from .masks import MaskDict
 from .methods.base import one_pass_methods
@@ -83,6 +84,7 @@ def validate_layout(model: nn.Module, targets: list[list[Target]], config: Prune
 
 def _plan(model: nn.Module, targets: list[str] | None, ignore: list[str] | None):
     """``(layout, targets per block)`` of ``model`` for the given globs."""
+    usable_experts_implementation(model)  # float64 experts: grouped_mm has no kernel
     layout = discover(model, targets, ignore)
     return layout, layout_targets(model, layout, targets, ignore)
 
@@ -114,6 +116,7 @@ def collect_statistics(
     *,
     blocks=None,
     offload_dir: str | None = None,
+    expert_policy: ExpertPolicy | None = None,
 ) -> ActivationStatistics:
     """One-pass statistics: every target layer's input statistics from the dense model, block by block.
 
@@ -121,13 +124,17 @@ def collect_statistics(
     block's activations for the calibration set. Serves every method whose ``one_pass`` is true
     (``wanda.methods``) with any allocation, variant, permutation and refinement. ``blocks`` is
     the block source (default: the model as loaded); ``offload_dir`` keeps the activations
-    between blocks in files there instead of memory.
+    between blocks in files there instead of memory. ``expert_policy`` decides which tokens an
+    expert's statistics see and how starved experts fall back; the statistics' metadata records it
+    with the routed tokens per expert (masks computed from them must ask for the same policy).
     """
     _, per_block = _plan(model, targets, ignore)
     validate_calibration_tokens(model, calib_ids)
     stats = ActivationStatistics(metadata={"mode": "one_pass", "model_type": model_type(model)})
+    record = ExpertRecord(expert_policy or ExpertPolicy())
     walk_blocks(model, blocks or ResidentBlocks(model), per_block, tokens=calib_ids, batch_size=batch_size,
-                stats=stats, offload_dir=offload_dir, progress=progress)
+                stats=stats, offload_dir=offload_dir, progress=progress, experts=record)
+    stats.metadata.update(record.metadata())
     return stats
 
 
@@ -168,12 +175,30 @@ def compute_masks(
     validate_layout(model, per_block, config)
     source = blocks if blocks is not None else ResidentBlocks(model)
     _check_statistics(statistics, config, (t.name for block in per_block for t in block))
-    sparsities, record = allocation(source.weights([t.name for b in per_block for t in b]), statistics, config,
+    if statistics is not None and config.needs_statistics:
+        masks.metadata.update(ExpertRecord.from_metadata(statistics.metadata, config.expert_policy).metadata())
+    sparsities, record = allocation(_allocation_weights(model, source, per_block, config), statistics, config,
                                     per_block, [layout.block_name(i) for i in range(layout.num_blocks)])
     pruner = Pruner(config, masks, statistics, sparsities, apply=blocks is not None)
     walk_blocks(model, source, per_block, pruner=pruner, progress=progress)
     pruner.describe(record)
     return masks
+
+
+def _allocation_weights(model: nn.Module, source, per_block: list[list[Target]], config: PruneConfig):
+    """``name -> object with .weight`` for OWL's outlier ratios: the source's own lookup for
+    linear layers (a streamed source reads them from the shards); Conv1D and expert targets
+    through their [out, in] views, which need the weights in memory."""
+    if config.allocation != "owl":
+        return {}
+    targets = [t for block in per_block for t in block]
+    if all(t.kind == "linear" for t in targets):
+        return source.weights([t.name for t in targets])
+    if getattr(source, "streamed", False):
+        raise ConfigError("allocation", "allocation 'owl' over Conv1D or expert targets needs the weights in memory "
+                                        "(runtime.load 'full'); a streamed model reads layers by module name only",
+                          "'uniform' with runtime.load 'stream', or runtime.load 'full'")
+    return {t.name: _WeightOnly(t.weight(model)) for t in targets}
 
 
 def masks_from_statistics(model: nn.Module, statistics: ActivationStatistics | None, config: PruneConfig, *,
@@ -243,8 +268,10 @@ def prune_model(
     stats = statistics_out if statistics_out is not None else ActivationStatistics()
     stats.metadata.update({"mode": config.mode, "model_type": model_type(model)})
     walk = dict(tokens=calib_ids, batch_size=config.batch_size, offload_dir=offload_dir)
+    experts = ExpertRecord(config.expert_policy)
     if config.mode == "one_pass":
-        walk_blocks(model, source, per_block, stats=stats, progress=progress, **walk)
+        walk_blocks(model, source, per_block, stats=stats, progress=progress, experts=experts, **walk)
+        stats.metadata.update(experts.metadata())
         compute_masks(model, stats, config, blocks=source, masks_out=masks)
     else:
         names = [layout.block_name(i) for i in range(layout.num_blocks)]
@@ -252,14 +279,17 @@ def prune_model(
         if config.owl_prepass:
             log.info("OWL: dense one-pass walk for the outlier ratios")
             dense = ActivationStatistics()
-            walk_blocks(model, source, per_block, stats=dense, write=False, **walk)
-        sparsities, record = allocation(source.weights([t.name for b in per_block for t in b]), dense, config,
+            walk_blocks(model, source, per_block, stats=dense, write=False,
+                        experts=ExpertRecord(config.expert_policy), **walk)
+        sparsities, record = allocation(_allocation_weights(model, source, per_block, config), dense, config,
                                         per_block, names)
         if record is not None:
             stats.metadata["owl"] = json.dumps(record)
         pruner = Pruner(config, masks, stats, sparsities)
-        walk_blocks(model, source, per_block, pruner=pruner, stats=stats, progress=progress, **walk)
+        walk_blocks(model, source, per_block, pruner=pruner, stats=stats, progress=progress, experts=experts, **walk)
         pruner.describe(record)
+        stats.metadata.update(experts.metadata())
+        masks.metadata.update(experts.metadata())
     log.info("%s %s pruning (%s, %s) of %d layers in %.1fs", config.method, config.mode, config.pattern,
              config.sparsity, len(masks), time.perf_counter() - started)
     return masks

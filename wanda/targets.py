@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, Iterator
 
@@ -68,9 +69,13 @@ class Target:
 
     def weight(self, root: nn.Module) -> torch.Tensor:
         """The [out, in] view of the parameter (in-place edits change the model)."""
+        return self.view_of(root, self.parameter(root))
+
+    def view_of(self, root: nn.Module, stored: torch.Tensor) -> torch.Tensor:
+        """The [out, in] view of ``stored``, a tensor standing for the parameter (read from shards)."""
         if self.kind not in _VIEWS:
             raise ValueError(f"target {self.name!r}: unknown kind {self.kind!r} (known: {', '.join(sorted(_VIEWS))})")
-        return _VIEWS[self.kind](self, self.module(root), self.parameter(root))
+        return _VIEWS[self.kind](self, self.module(root), stored)
 
     @property
     def numel_key(self) -> str:
@@ -121,6 +126,31 @@ def target_matches(target: Target, patterns: Iterable[str]) -> bool:
     """
     keys = {target.name, target.module_name, target.numel_key}
     return any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in patterns)
+
+
+_EXPERT_NAME = re.compile(r"^(?P<module>.+)\.(?P<param>[A-Za-z_][A-Za-z0-9_]*)\[(?P<expert>\d+)\]$")
+
+
+def target_of_name(root: nn.Module, name: str) -> Target:
+    """The ``Target`` a mask key names: ``<container>.<param>[<e>]`` is one expert's matrix, a
+    module name is a linear layer or a Conv1D (``KeyError`` if the model has no such module)."""
+    match = _EXPERT_NAME.match(name)
+    if match:
+        target = Target(name, "expert", match["module"], match["param"], int(match["expert"]))
+    else:
+        target = Target(name, "linear", name)
+    try:
+        module = target.module(root) if match else root.get_submodule(name)
+    except (AttributeError, KeyError):
+        raise KeyError(name) from None
+    if not match:
+        from .experts import is_conv1d
+
+        if is_conv1d(module):
+            target = Target(name, "conv1d", name)
+    if not isinstance(getattr(module, target.param_name, None), torch.Tensor):
+        raise KeyError(name)
+    return target
 
 
 def _load_kinds() -> None:
