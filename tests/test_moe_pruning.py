@@ -241,3 +241,40 @@ def test_gate_reads_the_block_wide_figures_of_a_real_report():
     partial = decision(targets=["*.self_attn.*"])
     assert {c.criterion for c in partial.failures} == {"min_sparsity", "min_coverage"}, partial.summary()
     assert decision().passed
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "sequential"])
+def test_masks_and_prune_stages_on_a_moe_model(tmp_path, monkeypatch, mode):
+    """The stages in-process on a tiny Mixtral: expert masks, block-wide figures in sparsity.json,
+    the tokens-per-expert table and plot, the policy in the masks metadata, the pruned folder."""
+    import random
+
+    from tasks import calibration, masks as masks_stage, materialize, prune, statistics
+    from tasks.params import apply_overrides, read_yaml, validate_params
+    from tests.pipeline_project import REPO, TINY_OVERRIDES
+    from tests.tiny import tiny_tokenizer
+    from wanda.model_io import save_model
+
+    save_model(tiny_moe_model("mixtral"), tiny_tokenizer(), tmp_path / "fixtures" / "tiny-model")
+    rng = random.Random(0)
+    (tmp_path / "fixtures" / "calib.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(3000)))
+    (tmp_path / "fixtures" / "eval.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(2000)))
+    monkeypatch.chdir(tmp_path)
+    params = validate_params(apply_overrides(read_yaml(REPO / "params.yaml"), TINY_OVERRIDES + [
+        f"statistics.mode={mode}", "statistics.expert_policy={min_tokens_per_expert: 2, fallback: magnitude}"]))
+    for run in (materialize.run, calibration.run, statistics.run, masks_stage.run, prune.run):
+        run(params, tmp_path)
+    folder = tmp_path / params.paths.masks
+    report = json.loads((folder / "sparsity.json").read_text())
+    assert report["coverage"] > 0.98 and abs(report["block_sparsity"] - 0.5 * report["coverage"]) < 1e-3
+    assert any(name.endswith("mlp.experts.down_proj[3]") for name in report["layers"])
+    table = json.loads((folder / "tokens_per_expert.json").read_text())
+    assert table["policy"] == "routed(min_tokens_per_expert=2, fallback=magnitude)"
+    assert len(table["rows"]) == 2 * 4 and (folder / "tokens_per_expert.png").stat().st_size > 0
+    saved, metadata = wanda.load_masks(folder / "masks.safetensors")
+    assert metadata["expert_policy"] == table["policy"]
+    from wanda.targets import target_of_name
+
+    pruned = wanda.load_model(str(tmp_path / params.paths.prune / "model"), dtype="float32")[0]
+    for name, mask in saved.items():  # the prune stage applied every expert's mask
+        assert torch.all(target_of_name(pruned, name).weight(pruned)[mask] == 0), name
