@@ -38,7 +38,7 @@ from pydantic import ValidationError  # noqa: E402
 
 import wanda  # noqa: E402
 from wanda.calibration import CalibrationConfig, sample_calibration  # noqa: E402
-from wanda.config import SEQUENTIAL_ONLY_METHODS  # noqa: E402
+from wanda.methods.base import sequential_only_methods  # noqa: E402
 from wanda.data import TextSource  # noqa: E402
 from wanda.evaluation import PerplexityConfig, evaluate_perplexity  # noqa: E402
 from wanda.resources import measure  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> int:
     for name in (m for m in methods if m != "dense"):
         for level in sparsities:
             fields = {**RECIPES[name], **_sparsity_fields(level), "batch_size": args.batch_size}
-            if args.mode == "sequential" or fields["method"] in SEQUENTIAL_ONLY_METHODS:
+            if args.mode == "sequential" or fields["method"] in sequential_only_methods():
                 fields["mode"] = "sequential"
             fields.setdefault("mode", "one_pass")
             try:

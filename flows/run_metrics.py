@@ -103,5 +103,6 @@ def sparsity_metrics(report: Mapping[str, Any] | None) -> dict[str, float]:
             metrics[name] = float(report[key])
     for layer, info in (report.get("layers") or {}).items():
         value = info["sparsity"] if isinstance(info, Mapping) else info
-        metrics[f"sparsity.layer.{layer}"] = float(value)
+        # MLflow metric names allow no brackets: expert "...gate_up_proj[7]" logs as "...gate_up_proj.7".
+        metrics[f"sparsity.layer.{layer.replace('[', '.').replace(']', '')}"] = float(value)
     return metrics

@@ -18,6 +18,7 @@ from wanda.errors import ArtifactMismatchError
 from .common import (StageContext, StageResult, load_model_dir, offload_dir, open_streamed_dir, run_stage, stage_main,
                      streamed)
 from .params import PipelineParams
+from .progress import window_progress
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -54,7 +55,8 @@ def _evaluate(ctx: StageContext, model_dir: Path, label: str, fingerprint: str, 
                                    device=ctx.params.runtime.device)
     with offload_dir(ctx.params) as scratch:
         result = run_evaluation(model, tokenizer, label, fingerprint, ppl, zeroshot, settings=settings,
-                                model_source=source, blocks=blocks, offload_dir=scratch)
+                                model_source=source, blocks=blocks, offload_dir=scratch,
+                                progress=window_progress(f"perplexity: {label}"))
     return result, note
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from wanda.calibration import CalibrationConfig
-from wanda.config import PruneConfig, parse_pattern
+from wanda.config import PruneConfig
 from wanda.data import TextSource, resolve_path
 from wanda.errors import ConfigError
 from wanda.evaluation.perplexity import PerplexityConfig
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PARAMS_FILE = "params.yaml"
 # PruneConfig fields that decide how statistics are collected; every other PruneConfig field
 # belongs to the masks section, so changing it leaves the (expensive) statistics cached.
-STATISTICS_FIELDS = ("mode", "batch_size", "targets", "ignore")
+STATISTICS_FIELDS = ("mode", "batch_size", "targets", "ignore", "expert_policy")
 
 
 class Section(BaseModel):
@@ -135,11 +135,7 @@ class StatisticsSection(_StatisticsFields):
 
 
 class MasksSection(_MasksFields):
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        parse_pattern(value)
-        return value.strip().replace(" ", "")
+    """The recipe's remaining fields (their validators come with PruneConfig's field types)."""
 
 
 class PruneSection(Section):
@@ -326,11 +322,18 @@ class PipelineParams(Section):
         return self
 
     def prune_config(self) -> PruneConfig:
-        try:
-            return PruneConfig(**self.statistics.model_dump(), **self.masks.model_dump())
-        except ValidationError as exc:
-            messages = "; ".join(_clean(err["msg"]) for err in exc.errors())
-            raise ValueError(f"{_PRUNE_PREFIX}{messages}") from None
+        return prune_config_of(self.statistics.model_dump(), self.masks.model_dump())
+
+
+def prune_config_of(statistics: dict[str, Any], masks: dict[str, Any]) -> PruneConfig:
+    """The one way the pipeline builds a ``PruneConfig``: the statistics fields (from the
+    ``statistics`` section, or the statistics artifact's ``settings.json``) joined with the
+    ``masks`` section. Combination errors are one ValueError naming the fields."""
+    try:
+        return PruneConfig(**statistics, **masks)
+    except ValidationError as exc:
+        messages = "; ".join(_clean(err["msg"]) for err in exc.errors())
+        raise ValueError(f"{_PRUNE_PREFIX}{messages}") from None
 
 
 _PRUNE_PREFIX = "masks/statistics: "

@@ -35,9 +35,11 @@ def _body(ctx: StageContext) -> StageResult:
     apply_masks(model, masks, verify=True)
     if ctx.params.prune.dtype:
         model.to(DTYPES[ctx.params.prune.dtype])
-    modules = dict(model.named_modules())
-    zeros = sum(int((modules[name].weight == 0).sum()) for name in masks)
-    total = sum(modules[name].weight.numel() for name in masks)
+    from wanda.targets import target_of_name
+
+    weights = [target_of_name(model, name).weight(model) for name in masks]  # linear, Conv1D, experts
+    zeros = sum(int((weight == 0).sum()) for weight in weights)
+    total = sum(weight.numel() for weight in weights)
     record = save_model(model, tokenizer, ctx.work / "model", extra={
         "source": base.summary.get("source", ""),
         "base_model_fingerprint": fingerprint,

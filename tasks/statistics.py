@@ -15,6 +15,7 @@ from wanda.hashing import sha256_file
 
 from .common import StageContext, StageResult, load_model_dir, stage_entry
 from .common import offload_dir, open_streamed_dir, streamed
+from .progress import block_progress
 
 NAME = "statistics"
 STATS = "statistics.safetensors"
@@ -43,7 +44,9 @@ def _body(ctx: StageContext) -> StageResult:
         (model, _), blocks = load_model_dir(model_dir, ctx.params), None
     with offload_dir(ctx.params) as scratch:
         stats = collect_statistics(model, calib.tokens, batch_size=section.batch_size, targets=section.targets,
-                                   ignore=section.ignore, blocks=blocks, offload_dir=scratch)
+                                   ignore=section.ignore, blocks=blocks, offload_dir=scratch,
+                                   expert_policy=section.expert_policy,
+                                   progress=block_progress("statistics: one-pass walk"))
     lineage = ctx.lineage()
     stats.save(ctx.work / STATS, metadata={"base_model_fingerprint": lineage["base_model_fingerprint"],
                                            "calibration_token_digest": calib.digest})

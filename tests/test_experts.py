@@ -15,11 +15,15 @@ from wanda.architecture import find_blocks, model_targets
 from wanda.experts import (ExpertPolicy, ExpertStatisticsCollector, apply_expert_policy, expert_metadata,
                            tokens_per_expert_table)
 from wanda.masks import mask_from_scores
-from wanda.scores import wanda_score
+from wanda.methods.wanda import wanda_score
 from wanda.statistics import ActivationStatistics
 
 FAMILIES = sorted(MOE_FAMILIES)
 TOKENS = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def in_block(targets, prefix):
+    return [t for t in targets if t.module_name.startswith(prefix + ".")]
 
 
 def collect(model, policy=None, tokens=TOKENS):
@@ -27,7 +31,8 @@ def collect(model, policy=None, tokens=TOKENS):
     path, blocks = find_blocks(model)
     targets = [t for t in model_targets(model) if t.kind == "expert"]
     stats = ActivationStatistics()
-    collectors = [ExpertStatisticsCollector(block, f"{path}.{i}", targets, stats, policy) for i, block in enumerate(blocks)]
+    collectors = [ExpertStatisticsCollector(in_block(targets, f"{path}.{i}"), model, stats, policy)
+                  for i in range(len(blocks))]
     for c in collectors:
         c.__enter__()
     try:
@@ -195,7 +200,7 @@ def test_block_by_block_walk_observes_what_the_full_forward_does(family):
     stats = ActivationStatistics()
     tokens_seen = {}
     for index, (block, call) in enumerate(zip(blocks, calls)):
-        with ExpertStatisticsCollector(block, f"{path}.{index}", targets, stats) as collector:
+        with ExpertStatisticsCollector(in_block(targets, f"{path}.{index}"), block, stats) as collector:
             hidden = run_block_over(block, hidden, call)
         tokens_seen.update(collector.tokens)
     assert tokens_seen == full_tokens

@@ -9,7 +9,7 @@ from tests.reference_methods import ref_nm_retained, ref_reallocation, ref_score
 from tests.tiny import tiny_model
 from wanda.masks import is_nm, load_masks, save_masks
 from wanda.methods.ria import channel_permutation, heuristic_reallocation, retained_score
-from wanda.scores import ria_score
+from wanda.methods.ria import ria_score
 from wanda.statistics import ChannelStats
 
 

@@ -10,6 +10,7 @@ from tests.reference_methods import ref_sparsegpt, reference_prune
 from tests.tiny import tiny_model
 from wanda.masks import is_nm, nm_mask, unstructured_row_mask
 from wanda.methods.sparsegpt import HessianCollector, sparsegpt_prune
+from wanda.targets import Target, observe
 
 
 def _tokens(n=6, seqlen=32, seed=1):
@@ -130,9 +131,10 @@ def test_hessians_shared_per_input_and_exact():
     captured = {}
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: captured.setdefault(n, []).append(a[0]))
                for n, m in modules.items()]
-    collector = HessianCollector(modules)
+    targets = [Target(n, "linear", n) for n in modules]
+    collector = HessianCollector({t.name: t.weight(block) for t in targets})
     tokens = _tokens(3)
-    with collector, torch.no_grad():
+    with observe(targets, block, collector), torch.no_grad():
         model(input_ids=tokens[:2], use_cache=False)
         model(input_ids=tokens[2:], use_cache=False)
     for h in handles:

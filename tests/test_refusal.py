@@ -14,7 +14,7 @@ from tests.tiny_moe import tiny_moe_model, tiny_other_config
 from wanda.architecture import check_block_weights, model_targets
 from wanda.errors import ConfigError, UnsupportedArchitectureError
 from wanda.masks import mask_from_scores
-from wanda.scores import wanda_score
+from wanda.methods.wanda import wanda_score
 from wanda.statistics import ChannelStats
 
 
@@ -93,7 +93,7 @@ def test_gpt2_conv1d_layers_are_targets_with_in_out_weights_transposed():
     seen = {}
     tokens = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     block = model.transformer.h[0]
-    with observer_factory("conv1d")(block, "transformer.h.0", [c_fc], lambda n, rows: seen.setdefault(n, rows)):
+    with observer_factory("conv1d")([c_fc], block, lambda n, rows: seen.setdefault(n, rows)):
         with torch.no_grad():
             model(input_ids=tokens)
     rows = seen[c_fc.name]
@@ -107,9 +107,8 @@ def test_gpt2_conv1d_layers_are_targets_with_in_out_weights_transposed():
     norms = (rows.double() ** 2).sum(0).sqrt()
     expected = reference_mask(linear.weight.detach().abs().float() * norms.float().unsqueeze(0), 0.5, None)
     assert torch.equal(mask_from_scores(wanda_score(view, stats), 0.5, None), expected)
-    # the current driver walks linear layers only: it says so instead of pruning nothing
-    with pytest.raises(UnsupportedArchitectureError, match="Conv1D"):
-        wanda.discover(model)
+    # the driver walks Conv1D targets: discovery lists them like linear layers
+    assert set(wanda.discover(model).all_targets()) == {t.name for t in targets}
 
 
 @pytest.mark.integration

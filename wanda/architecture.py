@@ -20,7 +20,8 @@ from torch import nn
 from .errors import ConfigError, UnsupportedArchitectureError
 from .experts import container_parameter_names, expert_containers, is_conv1d, is_experts_container
 
-NEVER_PRUNED = ("lm_head", "embed", "wte", "wpe", "embed_out")
+from .targets import NEVER_PRUNED, block_targets, matches as _matches  # noqa: F401  (NEVER_PRUNED re-exported)
+
 # Routers decide which experts see a token; pruning them changes the routing itself, so they stay
 # dense unless a ``targets`` pattern names them (``*.mlp.gate``, ``*.shared_expert_gate``).
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -89,10 +90,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _prunable_module(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_experts_container(module)
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def never_pruned(relative: str) -> bool:
@@ -229,26 +226,23 @@ def discover(model: nn.Module, targets: list[str] | None = None, ignore: list[st
     check_router_requests(model, targets)
     path, blocks = find_blocks(model)
     per_block: list[tuple[str, ...]] = []
+    found = []
     for index, block in enumerate(blocks):
-        chosen = []
-        for rel, module in block.named_modules():
-            if rel and is_linear_target(f"{path}.{index}.{rel}", rel, module, targets, ignore):
-                chosen.append(rel)
-        per_block.append(tuple(chosen))
+        # Every registered target kind's discoverer (wanda.targets): linear, Conv1D, experts.
+        targets_here = block_targets(block, f"{path}.{index}", targets, ignore)
+        found += targets_here
+        # The layout lists module-level targets (linear, Conv1D) relative to the block; expert
+        # matrices are slices of one fused parameter and live only as ``Target``s.
+        per_block.append(tuple(t.name.removeprefix(f"{path}.{index}.") for t in targets_here if t.kind != "expert"))
     layout = BlockLayout(blocks_path=path, num_blocks=len(blocks), targets=tuple(per_block))
-    if not layout.all_targets():
-        if any(is_conv1d(m) for m in blocks[0].modules()):
-            raise UnsupportedArchitectureError(
-                f"model type {model_type(model)!r}: its layers are GPT-2 Conv1D; they are discovered as targets of "
-                "kind conv1d (wanda.architecture.model_targets) but the pruning driver does not walk them yet "
-                "(docs/moe-integration.md)")
+    if not found:
         raise ConfigError(
-            "targets", f"no linear layer of {model_type(model)!r} matches targets={targets} ignore={ignore}",
+            "targets", f"no layer of {model_type(model)!r} matches targets={targets} ignore={ignore}",
             "glob patterns over module names, e.g. '*' or '*.mlp.*'",
         )
-    from .accounting import coverage_warning, target_sizes_of_layout
+    from .accounting import coverage_warning
 
-    coverage_warning(model, target_sizes_of_layout(model, layout), what="linear layers the pruning driver walks")
+    coverage_warning(model, found, what="targets the pruning driver walks")
     return layout
 
 

@@ -14,19 +14,42 @@ config written before they existed prunes exactly as it did:
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-METHODS = ("wanda", "magnitude", "sparsegpt", "ria")
-# Methods whose masks come from per-channel statistics (or none) of the layer inputs, so one
-# one-pass statistics artifact serves any number of mask configurations (``collect_statistics`` +
-# ``compute_masks``). SparseGPT needs a Hessian per layer input and updates the remaining weights,
-# so it runs only in sequential mode through ``prune_model``.
-ONE_PASS_METHODS = ("wanda", "magnitude", "ria")
-SEQUENTIAL_ONLY_METHODS = ("sparsegpt",)
-# Methods that change the weights they keep (their result is the pruned weights, not base + mask).
-WEIGHT_UPDATING_METHODS = ("sparsegpt",)
+from .experts import ExpertPolicy
+
+
+def _registry():
+    # Imported on use: the methods import the masks and statistics modules, not this one.
+    from . import methods
+
+    return methods.base
+
+
+def _allowed(names) -> str:
+    """``'a', 'b' or 'c'``: how pydantic lists a Literal's allowed values."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _known_method(value: str) -> str:
+    names = _registry().method_names()
+    if value not in names:
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": _allowed(names)})
+    return value
+
+
+# A registered method's name (``wanda.methods``); the error lists the registry's names.
+MethodName = Annotated[str, AfterValidator(_known_method)]
+
+
+def _normalized_pattern(value: str) -> str:
+    parse_pattern(value)
+    return value.strip().replace(" ", "")
+
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -44,6 +67,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+# ``"unstructured"`` or ``"N:M"``, spaces removed.
+Pattern = Annotated[str, AfterValidator(_normalized_pattern)]
+
+
 class PruneConfig(BaseModel):
     """What to prune and how.
 
@@ -56,14 +83,18 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["wanda", "magnitude", "sparsegpt", "ria"] = "wanda"
+    method: MethodName = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    pattern: str = "unstructured"
+    pattern: Pattern = "unstructured"
     scope: Literal["row", "layer"] = "row"
     mode: Literal["sequential", "one_pass"] = "sequential"
     batch_size: int = Field(8, ge=1)
     targets: list[str] = Field(default_factory=lambda: ["*"])
     ignore: list[str] = Field(default_factory=list)
+
+    # --- mixture-of-experts: statistics of experts that see few calibration tokens ---
+    # Recorded in the masks artifact; changes nothing for models without experts.
+    expert_policy: ExpertPolicy = Field(default_factory=ExpertPolicy)
 
     # --- layer-wise sparsity allocation (OWL) ---
     allocation: Literal["uniform", "owl"] = "uniform"
@@ -92,11 +123,11 @@ class PruneConfig(BaseModel):
     sparsegpt_damp: float = Field(0.01, gt=0.0)  # times the mean Hessian diagonal
     sparsegpt_offload: bool = False  # keep Hessians in CPU memory (accumulated per batch)
 
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        parse_pattern(value)
-        return value.strip().replace(" ", "")
+    # --- selection among equal scores ---
+    # "stable": ties go to the lower input index (a stable sort; the default, results as before).
+    # "topk": the reference code's own calls (N:M: torch.topk(..., largest=False) per group of M
+    # columns; unstructured: its stable sort), so masks reproduce the reference's bit for bit.
+    tie_break: Literal["stable", "topk"] = "stable"
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
@@ -110,15 +141,22 @@ class PruneConfig(BaseModel):
                 )
             if self.scope != "row":
                 raise ValueError("scope 'layer' applies to unstructured masks only (allowed with N:M: 'row')")
-        if self.scope == "layer" and self.method not in ("magnitude", "ria"):
+        registry = _registry()
+        method = registry.get_method(self.method)
+
+        def composing(recipe: str) -> str:
+            return ", ".join(registry.methods_where(lambda m: recipe in m.recipes))
+
+        if self.scope == "layer" and "layer_scope" not in method.recipes:
             raise ValueError(
-                "scope 'layer' is the magnitude baseline's comparison group (allowed: method 'magnitude', or 'ria' "
-                "whose reference compares per layer)"
+                "scope 'layer' is the magnitude baseline's comparison group (allowed: method "
+                f"{' or '.join(repr(n) for n in registry.methods_where(lambda m: 'layer_scope' in m.recipes))}; "
+                "RIA's reference also compares per layer)"
             )
-        if self.method in SEQUENTIAL_ONLY_METHODS and self.mode != "sequential":
+        if not method.one_pass and self.mode != "sequential":
             raise ValueError(
                 f"mode {self.mode!r}: method {self.method!r} updates weights from per-layer Hessians and runs only in "
-                f"mode 'sequential' (one-pass statistics serve: {', '.join(ONE_PASS_METHODS)})"
+                f"mode 'sequential' (one-pass statistics serve: {', '.join(registry.one_pass_methods())})"
             )
         if self.allocation == "owl":
             if nm is not None:
@@ -139,18 +177,19 @@ class PruneConfig(BaseModel):
                                  "(allowed with N:M: variant false)")
             if self.scope != "row":
                 raise ValueError("variant: the Wanda variant works per output row (allowed: scope 'row')")
-            if self.method in WEIGHT_UPDATING_METHODS:
-                raise ValueError(f"variant: not defined for method {self.method!r} (allowed: wanda, ria, magnitude)")
-        if self.refine == "dsnot" and self.method in WEIGHT_UPDATING_METHODS:
+            if "variant" not in method.recipes:
+                raise ValueError(f"variant: not defined for method {self.method!r} (allowed: {composing('variant')})")
+        if self.refine == "dsnot" and "refine" not in method.recipes:
             raise ValueError(
-                f"refine 'dsnot' swaps weights of an unchanged dense row; method {self.method!r} updates the kept "
-                "weights (allowed with dsnot: wanda, ria, magnitude)"
+                f"refine 'dsnot' swaps weights of an unchanged dense row; method {self.method!r} does not compose with "
+                f"it (allowed with dsnot: {composing('refine')})"
             )
         if self.ria_permute:
             if nm is None:
                 raise ValueError("ria_permute: the channel permutation serves N:M patterns only (set a pattern 'N:M')")
-            if self.method in WEIGHT_UPDATING_METHODS:
-                raise ValueError(f"ria_permute: not available with method {self.method!r} (allowed: ria, wanda, magnitude)")
+            if "permute" not in method.recipes:
+                raise ValueError(f"ria_permute: not available with method {self.method!r} "
+                                 f"(allowed: {composing('permute')})")
         if self.ria_lsa:
             if not self.ria_permute:
                 raise ValueError("ria_lsa: refines the channel permutation, so it needs ria_permute true")
@@ -158,12 +197,13 @@ class PruneConfig(BaseModel):
                 import scipy.optimize  # noqa: F401
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise ValueError(f"ria_lsa: needs scipy (pip install scipy): {exc}") from exc
-        if nm is not None and self.method == "sparsegpt" and self.sparsegpt_blocksize % nm[1]:
-            raise ValueError(
-                f"sparsegpt_blocksize {self.sparsegpt_blocksize} must be a multiple of M={nm[1]} of pattern "
-                f"{self.pattern} (N:M groups may not straddle column blocks)"
-            )
+        method.validate(self)
         return self
+
+    @property
+    def method_impl(self):
+        """The registered ``wanda.methods.base.Method`` named by ``method``."""
+        return _registry().get_method(self.method)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -172,24 +212,24 @@ class PruneConfig(BaseModel):
     @property
     def needs_statistics(self) -> bool:
         """True when calibration data is needed (everything but plain magnitude pruning)."""
-        return self.method != "magnitude" or self.refine != "none"
+        return self.method_impl.calibration != "none" or self.refine != "none"
 
     @property
     def statistics_kind(self) -> Literal["none", "channel", "hessian"]:
         """What the masks are computed from: nothing, per-channel sums (norm, mean, variance), or Hessians."""
-        if self.method == "sparsegpt":
+        if self.method_impl.calibration == "hessian":
             return "hessian"
         return "channel" if self.needs_statistics else "none"
 
     @property
     def supports_one_pass(self) -> bool:
         """Whether one-pass statistics (``collect_statistics``) can serve this config via ``compute_masks``."""
-        return self.method in ONE_PASS_METHODS
+        return self.method_impl.one_pass
 
     @property
     def updates_weights(self) -> bool:
         """True when pruning changes kept weights: the result is the pruned model, not base weights + mask."""
-        return self.method in WEIGHT_UPDATING_METHODS
+        return self.method_impl.updates_weights
 
     @property
     def owl_prepass(self) -> bool:
@@ -199,4 +239,6 @@ class PruneConfig(BaseModel):
     @property
     def needs_outlier_statistics(self) -> bool:
         """OWL outlier ratios come from scores that need activation statistics (all but magnitude)."""
-        return self.allocation == "owl" and self.method != "magnitude"
+        method = self.method_impl
+        registry = _registry()
+        return self.allocation == "owl" and registry.get_method(method.allocation_score or method.name).calibration != "none"

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .statistics import ActivationStatistics, ChannelStats
-from .targets import Target, matches, register_discoverer, register_observer
+from .targets import Target, register_discoverer, register_kind, register_observer, target_matches as matches
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +187,24 @@ class ExpertObserver:
     """Forward pre-hooks on experts containers; while entered, every container call reports
 
     ``sink(target_name, rows)`` for each observed expert target and adds the routed token counts
-    to ``tokens[container_name]`` (a list per expert). The hook changes nothing in the call, so
-    the block output is the normally routed one under either policy.
+    to ``tokens[container_name]`` (a list per expert; pass a dict to accumulate over blocks). The
+    hook changes nothing in the call, so the block output is the normally routed one under
+    either policy. ``root`` is the model or the targets' block (``Target.module`` resolves both).
     """
 
-    def __init__(self, block: nn.Module, prefix: str, targets: list[Target],
-                 sink: Callable[[str, torch.Tensor], None], policy: ExpertPolicy | None = None):
-        self.block = block
-        self.prefix = prefix
-        self.policy = policy or ExpertPolicy()
+    def __init__(self, targets: list[Target], root: nn.Module, sink: Callable[[str, torch.Tensor], None],
+                 expert_policy: ExpertPolicy | None = None, tokens: dict[str, list[int]] | None = None,
+                 **_options):
+        self.root = root
+        self.policy = expert_policy or ExpertPolicy()
         self.sink = sink
         self.wanted: dict[str, set[tuple[str, int]]] = {}
+        self.containers: dict[str, nn.Module] = {}
         for target in targets:
             if target.kind == "expert":
                 self.wanted.setdefault(target.module_name, set()).add((target.param_name, target.expert))
-        self.tokens: dict[str, list[int]] = {}
+                self.containers.setdefault(target.module_name, target.module(root))
+        self.tokens: dict[str, list[int]] = tokens if tokens is not None else {}
         self.handles: list = []
 
     def _hook(self, name: str):
@@ -221,10 +224,8 @@ class ExpertObserver:
         return hook
 
     def __enter__(self) -> "ExpertObserver":
-        for rel, container in expert_containers(self.block):
-            name = _join(self.prefix, rel)
-            if name in self.wanted:
-                self.handles.append(container.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        for name, container in self.containers.items():
+            self.handles.append(container.register_forward_pre_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -236,10 +237,10 @@ class ExpertObserver:
 class ExpertStatisticsCollector(ExpertObserver):
     """Per-expert-target ``ChannelStats`` (the same accumulation as linear layers' statistics)."""
 
-    def __init__(self, block: nn.Module, prefix: str, targets: list[Target], into: ActivationStatistics,
+    def __init__(self, targets: list[Target], root: nn.Module, into: ActivationStatistics,
                  policy: ExpertPolicy | None = None):
         self.into = into
-        super().__init__(block, prefix, targets, self._add, policy)
+        super().__init__(targets, root, self._add, policy)
 
     def _add(self, name: str, rows: torch.Tensor) -> None:
         stats = self.into.layers.get(name)
@@ -331,6 +332,12 @@ def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
+def _expert_view(target: Target, container: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    view = param.data[target.expert]
+    return view.t() if getattr(container, "is_transposed", False) else view
+
+
+register_kind("expert", _expert_view)
 register_discoverer("expert", discover_expert_targets)
 register_discoverer("conv1d", discover_conv1d_targets)
 register_observer("expert", ExpertObserver)

@@ -94,13 +94,46 @@ def _by_row_chunks(fn, scores: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(scores[start:start + rows]) for start in range(0, scores.shape[0], rows)])
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "row") -> torch.Tensor:
+def nm_mask_topk(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The reference's N:M selection, call for call (locuslab/wanda ``prune_wanda``): for each group
+    of ``m`` columns, ``torch.topk(group.float(), n, dim=1, largest=False)`` scattered True. Ties
+    fall where ``torch.topk`` puts them (device- and kernel-dependent), not to the lower index."""
+    out_features, in_features = scores.shape
+    if in_features % m:
+        raise ConfigError("pattern", f"input size {in_features} is not divisible by M={m}")
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for start in range(0, in_features, m):
+        group = scores[:, start:start + m].float()
+        mask.scatter_(1, start + torch.topk(group, n, dim=1, largest=False)[1], True)
+    return mask
+
+
+def unstructured_row_mask_sort(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The reference's unstructured selection, call for call: the first ``int(in * sparsity)``
+    indices of ``torch.sort(scores, dim=-1, stable=True)`` scattered True (the same mask as
+    ``unstructured_row_mask``, by a full sort)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    indices = torch.sort(scores, dim=-1, stable=True)[1][:, :int(scores.shape[1] * sparsity)]
+    return mask.scatter_(1, indices, True)
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str = "row",
+                     tie_break: str = "stable") -> torch.Tensor:
+    """The mask (True = pruned) keeping each comparison group's highest scores.
+
+    ``tie_break`` ``"stable"``: among equal scores the lower input index is pruned first;
+    ``"topk"``: the reference's own calls (``nm_mask_topk``, ``unstructured_row_mask_sort``).
+    """
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity (non-finite weights or activation statistics)")
+    if tie_break not in ("stable", "topk"):
+        raise ConfigError("tie_break", f"unknown tie break {tie_break!r}", "stable, topk")
+    if scope == "layer" and nm is None:
+        return unstructured_layer_mask(scores, sparsity)
+    if tie_break == "topk":  # whole layer at once, as the reference calls them
+        return nm_mask_topk(scores, *nm) if nm is not None else unstructured_row_mask_sort(scores, sparsity)
     if nm is not None:
         return _by_row_chunks(lambda chunk: nm_mask(chunk, *nm), scores)
-    if scope == "layer":
-        return unstructured_layer_mask(scores, sparsity)
     return _by_row_chunks(lambda chunk: unstructured_row_mask(chunk, sparsity), scores)
 
 
@@ -115,23 +148,35 @@ def is_nm(mask_or_weight: torch.Tensor, n: int, m: int, is_mask: bool = True) ->
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], verify: bool = True) -> None:
-    """Zero exactly the masked weights; with ``verify`` check every masked weight is zero after."""
-    modules = dict(model.named_modules())
+    """Zero exactly the masked weights; with ``verify`` check every masked weight is zero after.
+
+    Mask keys are target names (``wanda.targets``): linear and Conv1D module names, and expert
+    matrices ``<container>.<param>[<e>]``; each mask is [out, in] in its target's view.
+    """
+    from .targets import target_of_name
+
     for name, mask in masks.items():
-        module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
-            raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer")
-        if tuple(module.weight.shape) != tuple(mask.shape):
+        try:
+            weight = target_of_name(model, name).weight(model)
+        except KeyError:
+            raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer") from None
+        if tuple(weight.shape) != tuple(mask.shape):
             raise ArtifactMismatchError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}"
+                f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}"
             )
-        mask = mask.to(module.weight.device)
-        # Multiplying by the keep-mask is several times faster than masked_fill_ on CPU. It leaves
-        # -0.0 for negative weights; adding +0.0 turns those into +0.0 (IEEE round-to-nearest) and
-        # changes nothing else, so pruned weights are bitwise +0.0 as with masked_fill_.
-        module.weight.data.mul_(~mask).add_(0.0)
-        if verify and module.weight.data.ne(0).logical_and_(mask).any():
-            raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
+        apply_mask(weight.data, mask, name, verify)
+
+
+@torch.no_grad()
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor, name: str, verify: bool = True) -> None:
+    """Zero the masked entries of one weight (or [out, in] view) in place."""
+    mask = mask.to(weight.device)
+    # Multiplying by the keep-mask is several times faster than masked_fill_ on CPU. It leaves
+    # -0.0 for negative weights; adding +0.0 turns those into +0.0 (IEEE round-to-nearest) and
+    # changes nothing else, so pruned weights are bitwise +0.0 as with masked_fill_.
+    weight.mul_(~mask).add_(0.0)
+    if verify and weight.ne(0).logical_and_(mask).any():
+        raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
 
 
 def layer_sparsity(mask: torch.Tensor) -> float:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from .checkpoint import save_safetensors
 from .errors import ArtifactMismatchError
@@ -103,51 +102,23 @@ class ActivationStatistics:
         return stats
 
 
-class LinearInputHooks:
-    """Forward hooks on linear layers: registered on ``__enter__``, removed on ``__exit__``.
+class StatisticsCollector:
+    """A sink of observed input rows (``wanda.targets.observe``) accumulating each target's
+    channel statistics into ``into``; ``channels`` maps target names to their input sizes.
 
-    Subclasses give ``_hook(name, module)``. ``_last`` remembers the last input tensor seen, so
-    layers fed the same tensor (q/k/v, gate/up) can share one reduction per batch; holding the
-    tensor keeps its identity unique until the next one arrives.
+    Targets fed the same rows (q/k/v, gate/up) share one reduction per batch.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]):
-        self.modules = modules
-        self.handles: list = []
+    def __init__(self, channels: dict[str, int], into: ActivationStatistics):
+        self.into = into
+        for name, size in channels.items():
+            into.layers.setdefault(name, ChannelStats.zeros(size))
         self._last: tuple | None = None
 
-    def _hook(self, name: str, module: nn.Linear):
-        raise NotImplementedError
+    def __call__(self, name: str, rows: torch.Tensor) -> None:
+        if self._last is None or self._last[0] is not rows:
+            self._last = (rows, batch_partials(rows))
+        self.into.layers[name].add_partial(*self._last[1])
 
-    def __enter__(self):
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name, module)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def close(self) -> None:
         self._last = None
-
-
-class StatisticsCollector(LinearInputHooks):
-    """Forward hooks that accumulate input statistics of the given linear layers.
-
-    Layers fed the same tensor (q/k/v, gate/up) share one reduction per batch.
-    """
-
-    def __init__(self, modules: dict[str, nn.Linear], into: ActivationStatistics):
-        super().__init__(modules)
-        self.into = into
-
-    def _hook(self, name: str, module: nn.Linear):
-        stats = self.into.layers.setdefault(name, ChannelStats.zeros(module.in_features))
-
-        def hook(module, args, output):
-            inputs = args[0]
-            if self._last is None or self._last[0] is not inputs:
-                self._last = (inputs, batch_partials(inputs))
-            stats.add_partial(*self._last[1])
-
-        return hook

@@ -120,8 +120,16 @@ class MaskSpool:
 
 
 def _target_weights(layout: BlockLayout, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's target parameters by state-dict key: linear/Conv1D weights and the fused
+    parameters of its experts containers (whose experts are targets as slices)."""
+    from .experts import expert_containers, expert_param_names
+
     prefix = layout.block_name(index) + "."
-    return {f"{prefix}{rel}.weight": block.get_submodule(rel).weight.detach() for rel in layout.targets[index]}
+    tensors = {f"{prefix}{rel}.weight": block.get_submodule(rel).weight.detach() for rel in layout.targets[index]}
+    for rel, container in expert_containers(block):
+        for param in expert_param_names(container):
+            tensors[f"{prefix}{rel}.{param}"] = getattr(container, param).detach()
+    return tensors
 
 
 class ShardBlockWriter:
@@ -143,7 +151,8 @@ class BlockWeightsWriter:
 
     def __init__(self, path: str | Path, source: StreamedBlocks, layout: BlockLayout, metadata: dict | None = None):
         self.layout = layout
-        names = [f"{name}.weight" for name in layout.all_targets()]
+        # In the order the blocks write them (``_target_weights``).
+        names = [name for index, block in enumerate(source.blocks) for name in _target_weights(layout, index, block)]
         entries = [(name, source.dtype, source.checkpoint.info(name).shape) for name in names]
         self.writer = SafetensorsStreamWriter(path, entries, metadata)
 
@@ -199,6 +208,86 @@ def prune_checkpoint(
         prune_model(source.model, calib_ids, config, statistics_out, progress, blocks=source, masks_out=spool,
                     offload_dir=str(work) if offload_activations else None)
         source.on_done = None
+        patcher.finish(skip=(RECORD,))
+        if masks_path is not None:
+            spool.save(masks_path)
+        return spool.report()
+
+
+def apply_masks_to_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    masks_path: str | Path,
+    weights_path: str | Path | None = None,
+) -> dict:
+    """The pruned model from base shards + a masks artifact (+ updated weights), tensor by tensor.
+
+    Every masked tensor is read from the base shards (or from ``weights_path`` when the method
+    updated it), masked exactly as ``wanda.masks.apply_masks`` does, checked, and written in
+    place into a copy of its shard. Nothing is loaded as a model; memory holds one tensor and
+    its mask. ``out_dir`` must not exist yet or is replaced atomically by the caller.
+    Returns ``{"zeros": ..., "total": ...}`` counted on the written target weights.
+    """
+    checkpoint = Checkpoint(model_dir)
+    out_dir = Path(out_dir)
+    zeros = total = 0
+    with contextlib.ExitStack() as stack:
+        masks = stack.enter_context(safe_open(str(masks_path), "pt"))
+        shapes = mask_shapes(masks)
+        updated = stack.enter_context(safe_open(str(weights_path), "pt")) if weights_path else None
+        updated_names = set(updated.keys()) if updated is not None else set()
+        # Mask keys are target names; which stored tensor each masks, and through which view
+        # (Conv1D: the transpose; an expert: one slice of a fused parameter), comes from the
+        # config's model built on the meta device (no weights read).
+        from .block_source import build_skeleton
+        from .targets import target_of_name
+
+        skeleton = build_skeleton(model_dir, torch.float32)
+        targets = {}
+        for name in shapes:
+            try:
+                targets[name] = target_of_name(skeleton, name)
+            except KeyError:
+                raise ArtifactMismatchError(f"mask for {name!r}: the model has no such layer") from None
+        by_key: dict[str, list[str]] = {}
+        for name, target in targets.items():
+            by_key.setdefault(target.numel_key, []).append(name)
+        # Every check before the first byte is written.
+        for name, shape in shapes.items():
+            key = targets[name].numel_key
+            try:
+                info = checkpoint.info(key)
+            except KeyError:
+                raise ArtifactMismatchError(
+                    f"mask for {name!r}: the shards hold no tensor {key!r} (transformers converts this model's "
+                    "experts when loading; prune it with runtime.load 'full')") from None
+            view_shape = tuple(targets[name].weight(skeleton).shape)
+            if list(info.shape) != list(targets[name].parameter(skeleton).shape) or list(view_shape) != list(shape):
+                raise ArtifactMismatchError(f"mask for {name!r} has shape {tuple(shape)}, weight has {info.shape}")
+        unknown = sorted(n for n in updated_names if n not in by_key)
+        if unknown:
+            raise ArtifactMismatchError(f"updated weights name layers without masks, first {unknown[0]!r}")
+        patcher = ShardPatcher(checkpoint, out_dir)
+        by_file: dict[str, list[str]] = {}
+        for key in by_key:
+            by_file.setdefault(checkpoint.info(key).file, []).append(key)
+        for file in checkpoint.files:
+            for key in by_file.get(file, []):
+                if key in updated_names:
+                    stored = updated.get_tensor(key).to(checkpoint.info(key).dtype)
+                else:
+                    stored = checkpoint.read([key])[key]
+                for name in by_key[key]:
+                    # The stored tensor in the place of the skeleton's parameter gives the view.
+                    weight = targets[name].view_of(skeleton, stored)
+                    mask = read_mask(masks, name, shapes[name])
+                    weight.mul_(~mask).add_(0.0)  # exactly apply_masks' arithmetic (+0.0 for pruned weights)
+                    if weight.ne(0).logical_and_(mask).any():
+                        raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
+                    zeros += int((weight == 0).sum())
+                    total += weight.numel()
+                patcher.write({key: stored})
+            log.info("shard %s written", file)
         patcher.finish(skip=(RECORD,))
         if masks_path is not None:
             spool.save(masks_path)

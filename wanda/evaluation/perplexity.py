@@ -151,12 +151,13 @@ def _streamed_sums(source, windows: torch.Tensor, batch_size: int,
 
 
 def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None, *, blocks=None,
-                        offload_dir: str | None = None) -> PerplexityResult:
+                        offload_dir: str | None = None, progress=None) -> PerplexityResult:
     """Perplexity of ``model`` on ``config.source``; raises EvaluationError on a non-finite loss.
 
     ``blocks``: a ``wanda.block_source.StreamedBlocks`` whose skeleton is ``model`` evaluates
     block by block from the shards (one block in memory; ``offload_dir`` keeps the windows'
     hidden states on disk); the result equals the loaded model's within float rounding.
+    ``progress(done, total)`` is called after each batch of windows.
     """
     config = config or PerplexityConfig()
     started = time.perf_counter()
@@ -195,6 +196,8 @@ def evaluate_perplexity(model, tokenizer, config: PerplexityConfig | None = None
                 )
             total += sums.sum()
             log.info("perplexity: windows %d/%d", stop, count)
+            if progress is not None:
+                progress(stop, count)
             tick = time.perf_counter()
 
     predicted = count * (config.seqlen - 1)

@@ -29,7 +29,11 @@ reference always uses Wanda's, which is the same for Wanda).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 _VAR_FLOOR = 1e-12
 
@@ -143,3 +147,36 @@ def dsnot_refine(
         "error_after": float(after.sum()),
     }
     return pruned.to(mask.device), report
+
+
+class _Moments:
+    """Mean and variance of permuted input channels (what ``refine_mask`` reads of statistics)."""
+
+    def __init__(self, mean: torch.Tensor, variance: torch.Tensor):
+        self._mean, self._variance = mean, variance
+
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    def variance(self) -> torch.Tensor:
+        return self._variance
+
+
+def permuted_stats(stats, perm: torch.Tensor):
+    if stats is None:
+        return None
+    return _Moments(stats.mean()[perm.cpu()], stats.variance()[perm.cpu()])
+
+
+def refine_mask(name: str, weight: torch.Tensor, mask: torch.Tensor, stats, scores: torch.Tensor, config) -> torch.Tensor:
+    """The refinement recipe: DSnoT on any score method's mask, with the config's settings."""
+    from ..errors import ConfigError
+
+    if stats is None:
+        raise ConfigError("statistics", "refine 'dsnot' needs activation statistics (mean and variance)")
+    refined, report = dsnot_refine(
+        weight, mask, stats.mean(), stats.variance(), scores, config.nm,
+        cycles=config.dsnot_cycles, threshold=config.dsnot_threshold, var_power=config.dsnot_var_power,
+    )
+    log.debug("%s: dsnot %s", name, report)
+    return refined

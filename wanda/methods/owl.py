@@ -15,9 +15,12 @@ are equal every block gets ``sparsity`` (the reference divides by zero there).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
@@ -43,3 +46,27 @@ def allocate_owl(ratios: list[float], sparsity: float, lam: float) -> list[float
     d = (r - r.min()) / spread * (2.0 * lam)
     allocation = sparsity - (d - d.mean())
     return [float(x) for x in allocation]
+
+
+def owl_sparsities(weights, stats, config, groups: list[list[str]], blocks: list[str]) -> tuple[dict[str, float], dict]:
+    """The allocation recipe: per-target sparsity from OWL block allocation, and its record.
+
+    ``weights`` maps target names to objects with ``.weight`` (current, dense weights); ``groups``
+    are the target names of each block, ``blocks`` the blocks' names. Scores are the method's own
+    (or the one it names in ``allocation_score``: Wanda's for SparseGPT).
+    """
+    from .base import get_method
+
+    method = get_method(config.method)
+    scorer = get_method(method.allocation_score or method.name)
+    ratios = []
+    for group in groups:
+        scores = [scorer.score(weights[n].weight, stats[n] if scorer.calibration != "none" else None, config)
+                  for n in group]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+    allocation = allocate_owl(ratios, config.sparsity, config.owl_lambda)
+    sparsities = {n: s for group, s in zip(groups, allocation) for n in group}
+    record = {"ratios": [round(r, 6) for r in ratios], "sparsities": list(allocation), "blocks": blocks}
+    log.info("OWL allocation (M=%g, lambda=%g): block sparsities %s", config.owl_m, config.owl_lambda,
+             ", ".join(f"{s:.3f}" for s in allocation))
+    return sparsities, record

@@ -1,4 +1,4 @@
-"""RIA's input-channel permutation for N:M masks (Zhang et al. 2024, "channel permutation").
+"""RIA (Zhang et al. 2024): its score, and its input-channel permutation for N:M masks.
 
 An N:M mask keeps the ``M - N`` best of every ``M`` consecutive inputs of a row. When important
 input channels sit next to each other they compete for the same few slots; permuting the input
@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .base import ScoreMethod, register
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +92,53 @@ def channel_permutation(scores: torch.Tensor, n: int, m: int, lsa: bool = False)
     report["kept"] = "permutation"
     assert torch.equal(torch.sort(perm).values, torch.arange(cols))
     return perm, report
+
+
+def ria_score(weight: torch.Tensor, stats, alpha: float = 0.5) -> torch.Tensor:
+    """Relative importance and activations (Zhang et al. 2024).
+
+    ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^alpha``: the weight relative to
+    its input channel (column sum) plus relative to its output row (row sum), times the activation
+    norm to the power ``alpha``. As for Wanda the norm is taken as sqrt(sum_sq / count), a
+    per-layer constant factor that changes no ranking. An all-zero row or column contributes 0.
+    """
+    from .wanda import check_channels
+
+    check_channels(weight, stats)
+    magnitude = weight.detach().abs().float()
+    column = magnitude.sum(0, keepdim=True)
+    row = magnitude.sum(1, keepdim=True)
+    relative = magnitude / torch.where(column > 0, column, torch.ones_like(column)) + \
+        magnitude / torch.where(row > 0, row, torch.ones_like(row))
+    activation = stats.mean_square().to(weight.device).sqrt().pow(alpha)
+    return relative * activation.reshape(1, -1)
+
+
+def permuted_mask(layer, scores: torch.Tensor, sparsity: float, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The permutation recipe (any score method, N:M): the mask chosen in permuted column order
+    and returned in the layer's own order, with the permutation (None: the identity was kept)."""
+    from ..masks import mask_from_scores
+    from .dsnot import permuted_stats, refine_mask
+
+    nm = config.nm
+    perm, report = channel_permutation(scores, *nm, lsa=config.ria_lsa)
+    log.debug("%s: channel permutation %s", layer.name, report)
+    if perm is None:
+        return mask_from_scores(scores, sparsity, nm, tie_break=config.tie_break), None
+    perm = perm.to(scores.device)
+    permuted = mask_from_scores(scores[:, perm], sparsity, nm, tie_break=config.tie_break)
+    if config.refine == "dsnot":
+        permuted = refine_mask(layer.name, layer.weight[:, perm], permuted, permuted_stats(layer.stats, perm),
+                               scores[:, perm], config)
+    mask = torch.empty_like(permuted)
+    mask[:, perm] = permuted
+    return mask, perm
+
+
+@register
+class RIA(ScoreMethod):
+    name = "ria"
+    recipes = ScoreMethod.recipes | {"layer_scope"}  # RIA's reference compares per layer
+
+    def score(self, weight, stats, config):
+        return ria_score(weight, self.needs_stats(stats), config.ria_alpha)

@@ -31,9 +31,8 @@ import contextlib
 import logging
 
 import torch
-from torch import nn
 
-from ..statistics import LinearInputHooks
+from .base import Layer, LayerResult, Method, register
 
 log = logging.getLogger(__name__)
 
@@ -58,40 +57,41 @@ class _Accumulator:
         self.count += flat.shape[0]
 
 
-class HessianCollector(LinearInputHooks):
-    """Forward hooks accumulating H = X^T X for the given linear layers, one per distinct input.
+class HessianCollector:
+    """A sink of observed input rows (``wanda.targets.observe``) accumulating H = X^T X per target,
+    one per distinct input.
 
-    Two layers share an accumulator when, on the first batch, the second receives the very tensor
-    the first did (q/k/v, gate/up); each accumulator adds every input tensor once. H is float64
-    for float64 layers and float32 otherwise; ``offload`` keeps it in CPU memory.
+    Two targets share an accumulator when, on the first batch, the second receives the very rows
+    the first did (q/k/v, gate/up); each accumulator adds every input once. H is float64 for
+    float64 weights and float32 otherwise; ``offload`` keeps it in CPU memory. ``weights`` maps
+    target names to their [out, in] weights (dtype, device and input size of each H).
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], offload: bool = False):
-        super().__init__(modules)
+    def __init__(self, weights: dict[str, torch.Tensor], offload: bool = False):
+        self.weights = weights
         self.offload = offload
         self.accumulators: dict[str, _Accumulator] = {}
+        self._last: tuple | None = None
 
-    def _hook(self, name: str, module: nn.Linear):
-        def hook(mod, args, output):
-            inputs = args[0]
-            acc = self.accumulators.get(name)
-            if acc is None:
-                if self._last is not None and self._last[0] is inputs:
-                    acc = self._last[1]
-                else:
-                    dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
-                    device = torch.device("cpu") if self.offload else module.weight.device
-                    acc = _Accumulator(module.in_features, dtype, device)
-                self.accumulators[name] = acc
-            if acc.last is not inputs:
-                acc.add(inputs)
-                acc.last = inputs
-            self._last = (inputs, acc)
+    def __call__(self, name: str, rows: torch.Tensor) -> None:
+        acc = self.accumulators.get(name)
+        if acc is None:
+            if self._last is not None and self._last[0] is rows:
+                acc = self._last[1]
+            else:
+                weight = self.weights[name]
+                dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                device = torch.device("cpu") if self.offload else weight.device
+                acc = _Accumulator(weight.shape[1], dtype, device)
+            self.accumulators[name] = acc
+        if acc.last is not rows:
+            acc.add(rows)
+            acc.last = rows
+        self._last = (rows, acc)
 
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
+    def close(self) -> None:
+        """Forget the last inputs seen (the block walk is over)."""
+        self._last = None
         for acc in self.accumulators.values():
             acc.last = None
 
@@ -226,3 +226,31 @@ def _sweep(W: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, sparsity: f
         mask[:, i1:i2] = mask1
         if i2 < cols:
             W[:, i2:] -= Err1 @ upper[i1:i2, i2:]
+
+
+@register
+class SparseGPT(Method):
+    """Hessians from the walk, the OBS solver per layer; the kept weights are updated, so the
+    calibration must see the pruned prefix (sequential only) and no plain-score recipe applies."""
+
+    name = "sparsegpt"
+    calibration = "hessian"
+    one_pass = False
+    updates_weights = True
+    allocation_score = "wanda"  # OWL outlier ratios from Wanda's score, as the OWL reference
+
+    def validate(self, config) -> None:
+        if config.tie_break != "stable":
+            raise ValueError("tie_break: selects among equal scores of the score methods; SparseGPT's solver "
+                             "ranks by its own saliency (allowed with method 'sparsegpt': 'stable')")
+        nm = config.nm
+        if nm is not None and config.sparsegpt_blocksize % nm[1]:
+            raise ValueError(
+                f"sparsegpt_blocksize {config.sparsegpt_blocksize} must be a multiple of M={nm[1]} of pattern "
+                f"{config.pattern} (N:M groups may not straddle column blocks)"
+            )
+
+    def prune_layer(self, layer: Layer, sparsity: float, config) -> LayerResult:
+        weight, mask, report = sparsegpt_prune(layer.weight, layer.hessian, sparsity, config.nm,
+                                               config.sparsegpt_blocksize, config.sparsegpt_damp, layer.name)
+        return LayerResult(mask.cpu(), weight=weight, report=report)
