@@ -20,6 +20,23 @@ def test_packed_round_trip_is_exact_and_small(tmp_path):
     assert (tmp_path / "masks.safetensors").stat().st_size < bits / 8 + 8192
 
 
+
+def test_mask_dict_holds_bits_and_hands_out_bool_tensors():
+    import pickle
+
+    from wanda.masks import MaskDict
+
+    mask = torch.rand(7, 13) > 0.5
+    masks = MaskDict({"a": mask}, permutations={"a": torch.arange(13)})
+    masks.update({"b": ~mask})
+    stored = dict.__getitem__(masks, "a")  # the raw storage: one bit per weight, not one byte
+    assert stored.bits.nbytes == (mask.numel() + 7) // 8
+    views = [masks["a"], dict(masks)["a"], {**masks}["a"], dict(masks.items())["a"], next(iter(masks.values())),
+             masks.get("a"), pickle.loads(pickle.dumps(masks))["a"], masks.copy()["a"]]
+    assert all(v.dtype == torch.bool and torch.equal(v, mask) for v in views)
+    assert torch.equal(masks.pop("b"), ~mask) and list(masks) == ["a"]
+    assert pickle.loads(pickle.dumps(masks)).permutations.keys() == {"a"}
+
 def test_ties_break_by_lower_index():
     scores = torch.ones(2, 8)
     assert unstructured_row_mask(scores, 0.5)[0].tolist() == [True] * 4 + [False] * 4

@@ -17,6 +17,9 @@ masks, statistics and weights are identical bit for bit whichever source ran.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -182,6 +185,7 @@ def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner
             if observing:
                 hidden.close()
                 hidden = outputs
+            _return_freed_memory()
             log.info("block %d of %d done (%d layers)", index + 1, len(targets), len(block_targets_))
             if progress is not None:
                 progress(index + 1, len(targets))
@@ -190,6 +194,30 @@ def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner
     finally:
         if not write and on_done is not None:
             source.on_done = on_done
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+    except OSError:  # pragma: no cover - no loadable C library
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system after a block.
+
+    Torch's CPU tensors are malloc'd, and the block's temporaries (scores, selection indices,
+    masks, activations) are freed between long-lived allocations (the packed masks, the next
+    block's buffers), so glibc keeps the holes: measured on the embedded model, the heap held
+    ~180 MiB it had freed by the end of a loaded-mode walk, the largest part of its peak above
+    the reference's. ``malloc_trim(0)`` releases them (a few ms per block); nothing is computed
+    differently.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _fan_out(sinks):

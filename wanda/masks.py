@@ -33,13 +33,74 @@ class MaskDict(dict):
       SparseGPT fallbacks); ``save_masks`` writes them into the artifact.
 
     Plain-dict operations (``{**masks}``, ``dict(masks)``) drop both attributes.
+
+    Bool masks are held packed, one bit per weight (``_PackedMask``), and unpacked on access: a
+    loaded-mode prune keeps every target's mask until it returns, and at one byte per weight
+    that was the largest part of its memory above the reference's (~100 MiB on the embedded
+    model). Every accessor returns the bool tensor, so callers see a dict of bool tensors; a
+    mask read back is a new tensor each time (edit it, then store it again).
     """
 
     def __init__(self, *args, permutations: dict[str, torch.Tensor] | None = None,
                  metadata: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__()
+        self.update(*args, **kwargs)
         self.permutations: dict[str, torch.Tensor] = dict(permutations or {})
         self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __setitem__(self, name, mask) -> None:
+        is_bool = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+        super().__setitem__(name, _PackedMask(mask) if is_bool else mask)
+
+    def __getitem__(self, name):
+        return _unpacked(super().__getitem__(name))
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __iter__(self):
+        # Overriding __iter__ makes dict(masks) and {**masks} go through keys() and __getitem__
+        # (CPython copies a dict subclass's storage directly only when it keeps dict's __iter__).
+        return super().__iter__()
+
+    def items(self):
+        return ((name, self[name]) for name in self)
+
+    def values(self):
+        return (self[name] for name in self)
+
+    def update(self, *args, **kwargs) -> None:
+        for name, mask in dict(*args, **kwargs).items():
+            self[name] = mask
+
+    def setdefault(self, name, default=None):
+        if name not in self:
+            self[name] = default
+        return self[name]
+
+    def pop(self, name, *default):
+        return _unpacked(super().pop(name, *default))
+
+    def copy(self) -> "MaskDict":
+        return MaskDict(self, permutations=self.permutations, metadata=self.metadata)
+
+
+class _PackedMask:
+    """A bool mask as np.packbits of its flattened values, its shape and device."""
+
+    __slots__ = ("bits", "shape", "device")
+
+    def __init__(self, mask: torch.Tensor):
+        self.bits = np.packbits(mask.detach().cpu().numpy().reshape(-1))
+        self.shape, self.device = mask.shape, mask.device
+
+    def unpack(self) -> torch.Tensor:
+        flat = np.unpackbits(self.bits, count=math.prod(self.shape)).view(bool)
+        return torch.from_numpy(flat).reshape(self.shape).to(self.device)
+
+
+def _unpacked(value):
+    return value.unpack() if isinstance(value, _PackedMask) else value
 
 
 def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
