@@ -278,3 +278,40 @@ def test_masks_and_prune_stages_on_a_moe_model(tmp_path, monkeypatch, mode):
     pruned = wanda.load_model(str(tmp_path / params.paths.prune / "model"), dtype="float32")[0]
     for name, mask in saved.items():  # the prune stage applied every expert's mask
         assert torch.all(target_of_name(pruned, name).weight(pruned)[mask] == 0), name
+
+
+@pytest.mark.parametrize("family", ["gpt_oss"])
+def test_streamed_apply_of_expert_masks_equals_loaded_apply(family, tmp_path):
+    """The prune stage's streamed path (base shards + masks artifact, tensor by tensor) zeroes
+    each expert's slice of the fused parameter exactly as ``apply_masks`` does on the model."""
+    from safetensors.torch import load_file
+
+    from wanda.streaming import apply_masks_to_checkpoint
+
+    base = tmp_path / "base"
+    tiny_moe_model(family).save_pretrained(base)
+    pruned = tiny_moe_model(family)
+    masks = wanda.prune_model(pruned, TOKENS, wanda.PruneConfig(batch_size=2))
+    wanda.save_masks(tmp_path / "m.safetensors", masks, metadata=masks.metadata)
+    counts = apply_masks_to_checkpoint(base, tmp_path / "out", tmp_path / "m.safetensors")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    experts = [k for k in written if ".experts." in k]
+    assert experts and counts["total"] > 0 and counts["zeros"] >= counts["total"] // 2
+    for key, tensor in pruned.state_dict().items():
+        if key in written:
+            assert torch.equal(written[key], tensor), key
+
+
+def test_streamed_apply_names_experts_stored_under_other_names(tmp_path):
+    """GraniteMoE's shards hold the experts as ``input_linear``/``output_linear`` (transformers
+    renames them on load): the streamed apply refuses by name instead of writing a partial model."""
+    from wanda.errors import ArtifactMismatchError
+    from wanda.streaming import apply_masks_to_checkpoint
+
+    base = tmp_path / "base"
+    tiny_moe_model("granitemoe").save_pretrained(base)
+    masks = wanda.prune_model(tiny_moe_model("granitemoe"), TOKENS, wanda.PruneConfig(batch_size=2))
+    wanda.save_masks(tmp_path / "m.safetensors", masks, metadata=masks.metadata)
+    with pytest.raises(ArtifactMismatchError, match="runtime.load 'full'"):
+        apply_masks_to_checkpoint(base, tmp_path / "out", tmp_path / "m.safetensors")
+    assert not (tmp_path / "out").exists()

@@ -257,7 +257,7 @@ def apply_masks_to_checkpoint(
             key = targets[name].numel_key
             try:
                 info = checkpoint.info(key)
-            except KeyError:
+            except (KeyError, ArtifactMismatchError):
                 raise ArtifactMismatchError(
                     f"mask for {name!r}: the shards hold no tensor {key!r} (transformers converts this model's "
                     "experts when loading; prune it with runtime.load 'full')") from None
@@ -287,61 +287,6 @@ def apply_masks_to_checkpoint(
                     zeros += int((weight == 0).sum())
                     total += weight.numel()
                 patcher.write({key: stored})
-            log.info("shard %s written", file)
-        patcher.finish(skip=(RECORD,))
-        if masks_path is not None:
-            spool.save(masks_path)
-        return spool.report()
-
-
-def apply_masks_to_checkpoint(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    masks_path: str | Path,
-    weights_path: str | Path | None = None,
-) -> dict:
-    """The pruned model from base shards + a masks artifact (+ updated weights), tensor by tensor.
-
-    Every masked tensor is read from the base shards (or from ``weights_path`` when the method
-    updated it), masked exactly as ``wanda.masks.apply_masks`` does, checked, and written in
-    place into a copy of its shard. Nothing is loaded as a model; memory holds one tensor and
-    its mask. ``out_dir`` must not exist yet or is replaced atomically by the caller.
-    Returns ``{"zeros": ..., "total": ...}`` counted on the written target weights.
-    """
-    checkpoint = Checkpoint(model_dir)
-    out_dir = Path(out_dir)
-    zeros = total = 0
-    with contextlib.ExitStack() as stack:
-        masks = stack.enter_context(safe_open(str(masks_path), "pt"))
-        shapes = mask_shapes(masks)
-        updated = stack.enter_context(safe_open(str(weights_path), "pt")) if weights_path else None
-        updated_names = set(updated.keys()) if updated is not None else set()
-        # Every check before the first byte is written.
-        for name, shape in shapes.items():
-            info = checkpoint.info(f"{name}.weight")
-            if list(info.shape) != list(shape):
-                raise ArtifactMismatchError(f"mask for {name!r} has shape {tuple(shape)}, weight has {info.shape}")
-        unknown = sorted(n for n in updated_names if n.removesuffix(".weight") not in shapes)
-        if unknown:
-            raise ArtifactMismatchError(f"updated weights name layers without masks, first {unknown[0]!r}")
-        patcher = ShardPatcher(checkpoint, out_dir)
-        by_file: dict[str, list[str]] = {}
-        for name in shapes:
-            by_file.setdefault(checkpoint.info(f"{name}.weight").file, []).append(name)
-        for file in checkpoint.files:
-            for name in by_file.get(file, []):
-                key = f"{name}.weight"
-                if key in updated_names:
-                    weight = updated.get_tensor(key).to(checkpoint.info(key).dtype)
-                else:
-                    weight = checkpoint.read([key])[key]
-                mask = read_mask(masks, name, shapes[name])
-                weight.mul_(~mask).add_(0.0)  # exactly apply_masks' arithmetic (+0.0 for pruned weights)
-                if weight.ne(0).logical_and_(mask).any():
-                    raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
-                zeros += int((weight == 0).sum())
-                total += weight.numel()
-                patcher.write({key: weight})
             log.info("shard %s written", file)
         patcher.finish(skip=(RECORD,))
     return {"zeros": zeros, "total": total}
