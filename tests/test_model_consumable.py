@@ -58,7 +58,7 @@ def test_champion_loads_through_mlflow_with_the_evaluated_perplexity(project, tm
     mv = client.get_model_version(MODEL, version)
     assert mv.source == f"runs:/{mv.run_id}/model"
     assert dvc_md5(project / "artifacts" / "prune" / "model") == mv.tags["wanda.model_dvc_md5"]
-    from flows.tracking import registered_model_dir
+    from flows.registry import registered_model_dir
     assert dvc_md5(registered_model_dir(client, mv)) == mv.tags["wanda.model_dvc_md5"]
 
     # `mlflow models` prepares serving the champion: pyfunc flavour present, server context written.
