@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from wanda.data import shared_data_dir
+
 pytest.importorskip("mlflow")
 pytest.importorskip("dvc")
 
@@ -30,7 +32,9 @@ NAMES = ["--registered-model", MODEL, "--experiment", "wanda-test"]
 
 
 def _cli(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    values = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    # the project lives in a temporary folder: name the shared data explicitly (its zero-shot tasks)
+    values = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+              "WANDA_SHARED_DATA": str(shared_data_dir()), **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", "--repo", str(root), *args], cwd=root, env=values,
                           capture_output=True, text=True, timeout=600)
 
