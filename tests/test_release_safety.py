@@ -150,7 +150,7 @@ def test_password_in_tracking_uri_never_leaks(project, mlflow_server, tmp_path):
 
     # MLflow's own "View run ... at: <uri>" line went through the redaction
     assert "View run" in run.stdout and "http://***@127.0.0.1" in run.stdout
-    assert MlflowClient(url).get_model_version("wanda-pruned", "1").tags["wanda.gate"] == "pending"
+    assert MlflowClient(url, registry_uri=url).get_model_version("wanda-pruned", "1").tags["wanda.gate"] == "pending"
     for result in (run, audit, failed, flag):
         assert secret not in result.stdout and secret not in result.stderr
     assert any(prefect_home.rglob("*.db")), "the Prefect database was not created"
