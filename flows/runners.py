@@ -129,6 +129,65 @@ def placement(settings: SweepSettings) -> Iterator[None]:
         yield
 
 
+RAY_CONNECT_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def ray_connection(settings: SweepSettings) -> Iterator[None]:
+    """One Ray client connection for the whole sweep (the cluster check and prefect-ray's task
+    runner, which reuses an initialised Ray instead of connecting again), shut down at the end.
+
+    The Ray client's head starts one "specific server" process per connection, and that start
+    intermittently fails upstream (ray-project/ray#63202: the forked server dies, the client gets
+    ConnectionAbortedError "Initialization failure from server"). Connecting once, and retrying a
+    failed start a bounded number of times with a warning, keeps a sweep from failing on it."""
+    import logging
+    import time
+
+    import ray
+
+    if ray.is_initialized():  # the caller's connection: theirs to shut down
+        yield
+        return
+    log = logging.getLogger(__name__)
+    for attempt in range(1, RAY_CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=settings.address, ignore_reinit_error=True, logging_level="WARNING")
+            break
+        except ConnectionAbortedError as exc:
+            ray.shutdown()
+            if attempt == RAY_CONNECT_ATTEMPTS:
+                raise RuntimeError(f"sweep.runner {settings.runner}: the Ray cluster at {settings.address} failed "
+                                   f"to start a client server {attempt} times ({_first_line(exc)})") from None
+            log.warning("sweep.runner %s: the Ray head failed to start a client server (attempt %d of %d: %s); "
+                        "retrying", settings.runner, attempt, RAY_CONNECT_ATTEMPTS, _first_line(exc))
+            time.sleep(2 * attempt)
+        except Exception as exc:  # noqa: BLE001 - ConnectionError and Ray's own
+            ray.shutdown()
+            raise RuntimeError(f"sweep.runner {settings.runner}: no Ray cluster answers at {settings.address} "
+                               f"({type(exc).__name__}: {_first_line(exc)}); start one: ray start --head") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def connected(settings: SweepSettings) -> Iterator[None]:
+    """The engine's connection held around the sweep: Ray's client (see :func:`ray_connection`);
+    Dask's task runner opens its own client."""
+    if settings.kind == "ray":
+        with ray_connection(settings):
+            yield
+    else:
+        yield
+
+
 def check_cluster(settings: SweepSettings) -> list[str]:
     """Before any point is submitted: the cluster answers and has a worker that can take a point
     (else the engine would hold a GPU point forever). Returns the workers' names."""
@@ -147,14 +206,8 @@ def check_cluster(settings: SweepSettings) -> list[str]:
     elif settings.kind == "ray":
         import ray
 
-        try:
-            ray.init(address=settings.address, ignore_reinit_error=True, logging_level="WARNING")
+        with ray_connection(settings):
             nodes = [n for n in ray.nodes() if n.get("Alive")]
-        except Exception as exc:  # noqa: BLE001 - ConnectionError and Ray's own
-            raise RuntimeError(f"sweep.runner {settings.runner}: no Ray cluster answers at {settings.address} "
-                               f"({type(exc).__name__}: {exc}); start one: ray start --head") from None
-        finally:
-            ray.shutdown()
         able = [n for n in nodes if n.get("Resources", {}).get("GPU", 0) >= resources.gpus]
         names = sorted(n.get("NodeManagerAddress", "?") for n in able)
     else:

@@ -86,12 +86,13 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     and where every point ran."""
     settings = settings_for(repo, params_file, overrides, runner)
     workers = workers or default_workers()
-    if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
-        log.info("runner %s: workers able to take a point: %s", settings.runner,
-                 ", ".join(runners.check_cluster(settings)))
-    flow_run = sweep_flow.with_options(task_runner=runners.task_runner(settings, workers))
-    return flow_run(axes=axes, name=name, params_file=params_file, overrides=overrides, repo=repo, workers=workers,
-                    run_cache=run_cache, runner=settings.runner)
+    with runners.connected(settings):
+        if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
+            log.info("runner %s: workers able to take a point: %s", settings.runner,
+                     ", ".join(runners.check_cluster(settings)))
+        flow_run = sweep_flow.with_options(task_runner=runners.task_runner(settings, workers))
+        return flow_run(axes=axes, name=name, params_file=params_file, overrides=overrides, repo=repo,
+                        workers=workers, run_cache=run_cache, runner=settings.runner)
 
 
 @flow(name="sweep", log_prints=False)

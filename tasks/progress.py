@@ -28,6 +28,10 @@ def bars_enabled() -> bool:
 def _in_prefect_run() -> bool:
     if os.environ.get("WANDA_PROGRESS", "1") == "0":
         return False
+    # A run context exists only where Prefect is already imported; importing it just to ask costs
+    # every stage process (a DVC subprocess) over a second of start-up.
+    if "prefect.context" not in sys.modules:
+        return False
     try:
         from prefect.context import FlowRunContext, TaskRunContext
     except ImportError:  # pragma: no cover - prefect is a dependency of the pipeline

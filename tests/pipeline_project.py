@@ -43,10 +43,42 @@ def env() -> dict[str, str]:
 
 
 def sh(root: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(argv), cwd=root, env=env(), capture_output=True, text=True)
+    """``argv`` in ``root``; a ``flows.cli`` command talks to the session's Prefect server
+    (:func:`prefect_api`) instead of starting a temporary one of its own."""
+    values = env()
+    if "flows.cli" in argv and "PREFECT_API_URL" not in values:
+        values["PREFECT_API_URL"] = prefect_api()
+    result = subprocess.run(list(argv), cwd=root, env=values, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+_PREFECT_API: str | None = None
+
+
+def prefect_api() -> str:
+    """One Prefect server per test session (``prefect server start`` on loopback, SQLite in a
+    temporary folder, stopped by pid at exit) for the CLI runs of the pipeline tests: without
+    it every run starts, migrates and stops a temporary server of its own, about 9 s a run
+    here. Tests of that temporary server itself (kill -9, leaked secrets) start the CLI
+    without :func:`sh`, so they still get one."""
+    global _PREFECT_API
+    if _PREFECT_API is None:
+        import atexit
+        import tempfile
+
+        from tests.servers import Servers, start_prefect
+
+        servers = Servers(base=Path(tempfile.mkdtemp(prefix="wanda-prefect-")))
+        servers.cleanup.append(servers.base)
+        atexit.register(servers.stop_all)
+        try:
+            _PREFECT_API = start_prefect(servers)
+        except BaseException:
+            servers.stop_all()
+            raise
+    return _PREFECT_API
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -26,7 +26,10 @@ pytestmark = pytest.mark.integration
 # Every point on one thread, as the local reference runs (tests.pipeline_project.env): float
 # reductions may differ with the thread count, and the comparison is bit for bit.
 ONE_THREAD = ["-S", "sweep={resources: {threads: 1}}"]
-POINTS = ["sparsity-0_3", "sparsity-0_4", "sparsity-0_5", "sparsity-0_6"]
+POINTS = ["sparsity-0_4", "sparsity-0_6"]
+SPARSITIES = "0.4,0.6"  # two points: enough for two workers, a kill and a comparison
+# One point at a time per Dask worker (the workers have MEMORY=4), so two points take both.
+ONE_PER_WORKER = ["-S", "sweep={resources: {threads: 1, memory_gb: 4}}"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def _results(root: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def local_sweep(api_url, tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("local") / "p")
-    result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", "local",
+    result = _cli(root, api_url, "--sparsity", SPARSITIES, "--name", "s", "--runner", "local",
                   "--workers", "1")
     return root, result
 
@@ -95,8 +98,8 @@ def test_dask_sweep_equals_local_sweep_on_two_workers(api_url, local_sweep, tmp_
     stats_before = read_manifest(root / "artifacts/statistics")
     cluster = DaskCluster(root.parent, _workers_env(root, api_url, tmp_path / "ws"), ["w1", "w2"])
     try:
-        result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", cluster.address,
-                      *ONE_THREAD)
+        result = _cli(root, api_url, "--sparsity", SPARSITIES, "--name", "s", "--runner", cluster.address,
+                      *ONE_PER_WORKER)
     finally:
         cluster.stop()
     assert all(p.poll() is not None for p in cluster.procs.values())
@@ -120,7 +123,7 @@ def test_ray_sweep_equals_local_sweep(api_url, local_sweep, tmp_path):
     root = copy_project(tmp_path / "p")
     head = RayHead(root.parent, _workers_env(root, api_url, tmp_path / "ws"))
     try:
-        result = _cli(root, api_url, "--sparsity", "0.3,0.4,0.5,0.6", "--name", "s", "--runner", head.address,
+        result = _cli(root, api_url, "--sparsity", SPARSITIES, "--name", "s", "--runner", head.address,
                       *ONE_THREAD)
     finally:
         head.stop()
@@ -162,8 +165,8 @@ def test_killed_worker_point_completes_on_the_other(api_url, local_sweep, tmp_pa
     workspaces = tmp_path / "ws"
     cluster = DaskCluster(root.parent, _workers_env(root, api_url, workspaces), ["victim", "survivor"])
     try:
-        sweep = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--json", "--sparsity", "0.3,0.4,0.5,0.6",
-                                  "--name", "s", "--runner", cluster.address, *ONE_THREAD], cwd=root, env=_env(api_url),
+        sweep = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--json", "--sparsity", SPARSITIES,
+                                  "--name", "s", "--runner", cluster.address, *ONE_PER_WORKER], cwd=root, env=_env(api_url),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while not any("-victim-" in p.name for p in workspaces.glob("*")) and time.monotonic() < deadline:
