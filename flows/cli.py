@@ -171,6 +171,7 @@ def cmd_sweep(args) -> int:
 
     print(placement_table(result["placement"]), end="")
     print(f"plot: {result['plot']}")
+    print(f"where the points ran: {result['placement_file']}")
     print(f"done in {result['seconds']:.1f}s")
     return EXIT_OK
 

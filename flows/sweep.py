@@ -135,12 +135,16 @@ def sweep_flow(axes: list[str], name: str = "sweep", params_file: str | None = N
     table = (root / plan.report_folder / "table.md").read_text()
     plot = root / plan.report_folder / "perplexity_vs_sparsity.png"
     rows = [{k: v for k, v in row.items() if k != "overrides"} for row in results["points"]]
+    if not placement:  # points run in turn here: where and how long, from their stages' outcomes
+        placement = local_placement(plan, point_outcomes)
+    placement_file = write_placement(root, plan, placement)
     publish_sweep(name, table + placement_table(placement), rows, plot, outcomes)
     seconds = round(time.perf_counter() - started, 3)
     logger.info("sweep %s done in %.1fs", name, seconds)
     return {"points": results["points"], "dense_perplexity": results["dense_perplexity"], "table": table,
             "plot": str(plot), "outcomes": [asdict(o) for o in outcomes], "seconds": seconds,
-            "dvc_file": plan.dvc_file, "runner": settings.runner, "placement": placement}
+            "dvc_file": plan.dvc_file, "runner": settings.runner, "placement": placement,
+            "placement_file": str(placement_file)}
 
 
 def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set[str],
@@ -186,6 +190,38 @@ def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set
     placement = [{"point": r["point"], "worker": r["worker"], "host": r["host"], "wall_s": r["seconds"]}
                  for r in (done[name] for name in by_point if name in done)]
     return outcomes, placement
+
+
+def local_placement(plan: SweepPlan, outcomes: list[StageOutcome]) -> list[dict[str, Any]]:
+    """Rows for points whose stages ran in this process's turn (no point task): this host, and
+    the sum of the point's stage times."""
+    import platform
+
+    by_address = {o.address: o for o in outcomes}
+    rows = []
+    for point in plan.points:
+        mine = [by_address[a] for a in (plan.address(point, stage) for stage in point.stages) if a in by_address]
+        if any(o.did_work for o in mine):
+            rows.append({"point": point.name, "worker": "local", "host": platform.node(),
+                         "wall_s": round(sum(o.seconds for o in mine), 3)})
+    return rows
+
+
+def write_placement(root: Path, plan: SweepPlan, placement: list[dict[str, Any]]) -> Path:
+    """``artifacts/sweeps/NAME/placement.{json,md}``: the worker and wall time of every point this
+    run computed (points restored from the cache are listed as cached). Beside the report, not in
+    it: the report is a DVC output and must be the same bytes wherever and however fast the
+    points ran."""
+    from wanda.atomic import write_json
+
+    ran = {p["point"] for p in placement}
+    rows = placement + [{"point": p.name, "worker": "cached", "host": "", "wall_s": 0.0}
+                        for p in plan.points if p.name not in ran]
+    folder = root / plan.report_folder.rsplit("/", 1)[0]
+    write_json(folder / "placement.json", {"sweep": plan.name, "points": rows})
+    (folder / "placement.md").write_text(f"# Sweep {plan.name}: where the points ran\n" +
+                                         placement_table(rows).removeprefix("\n## Where the points ran\n"))
+    return folder / "placement.md"
 
 
 def placement_table(placement: list[dict[str, Any]]) -> str:

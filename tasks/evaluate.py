@@ -18,7 +18,7 @@ from wanda.errors import ArtifactMismatchError
 from .common import (StageContext, StageResult, load_model_dir, offload_dir, open_streamed_dir, run_stage, stage_main,
                      streamed)
 from .params import PipelineParams
-from .progress import window_progress
+from .progress import request_progress, window_progress
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -56,7 +56,8 @@ def _evaluate(ctx: StageContext, model_dir: Path, label: str, fingerprint: str, 
     with offload_dir(ctx.params) as scratch:
         result = run_evaluation(model, tokenizer, label, fingerprint, ppl, zeroshot, settings=settings,
                                 model_source=source, blocks=blocks, offload_dir=scratch,
-                                progress=window_progress(f"perplexity: {label}"))
+                                progress=window_progress(f"perplexity: {label}"),
+                                zeroshot_progress=request_progress(f"zero-shot: {label}") if zeroshot else None)
     return result, note
 
 

@@ -60,6 +60,9 @@ class ProgressReporter:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=self.description, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        if total != self._bar.total:  # a count that learns its total as it goes (lm-eval's requests)
+            self._bar.total = total
+            self._bar.refresh()
         self._bar.update(done - self._bar.n)
         if done >= total:
             self._bar.close()

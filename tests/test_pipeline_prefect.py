@@ -4,6 +4,8 @@ Each test copies the session's cold-run repository (tests.pipeline_project.cold_
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks.common import read_manifest
@@ -58,6 +60,11 @@ def test_pipeline_flow_runs_changed_stages_then_everything_is_cached(harness, tm
 
     again = prune_pipeline(repo=str(root))
     assert {o["action"] for o in again["outcomes"]} == {"cached"}
+    # Where each point ran, beside the report: this run computed nothing, the first run did.
+    placed = json.loads((root / "artifacts/sweeps/t/placement.json").read_text())["points"]
+    assert {r["point"]: r["worker"] for r in placed} == {"sparsity-0_4": "cached", "sparsity-0_6": "cached"}
+    assert {r["point"] for r in result["placement"]} == {"sparsity-0_4", "sparsity-0_6"}
+    assert all(r["wall_s"] > 0 for r in result["placement"])
     assert again["seconds"] < result["seconds"]
 
 
@@ -86,3 +93,8 @@ def test_sweep_shares_statistics_runs_points_in_parallel_and_caches(harness, tmp
 
     again = sweep(axes=["masks.sparsity=0.4,0.6"], name="t", repo=str(root), workers=1)
     assert {o["action"] for o in again["outcomes"]} == {"cached"}
+    # Where each point ran, beside the report: this run computed nothing, the first run did.
+    placed = json.loads((root / "artifacts/sweeps/t/placement.json").read_text())["points"]
+    assert {r["point"]: r["worker"] for r in placed} == {"sparsity-0_4": "cached", "sparsity-0_6": "cached"}
+    assert {r["point"] for r in result["placement"]} == {"sparsity-0_4", "sparsity-0_6"}
+    assert all(r["wall_s"] > 0 for r in result["placement"])

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.integration
 # Every point on one thread, as the local reference runs (tests.pipeline_project.env): float
 # reductions may differ with the thread count, and the comparison is bit for bit.
 ONE_THREAD = ["-S", "sweep={resources: {threads: 1}}"]
-POINTS = ["sparsity-0_4", "sparsity-0_6"]
-SPARSITIES = "0.4,0.6"  # two points: enough for two workers, a kill and a comparison
+POINTS = ["sparsity-0_3", "sparsity-0_4", "sparsity-0_5", "sparsity-0_6"]
+SPARSITIES = "0.3,0.4,0.5,0.6"  # the issue's 4-point sweep
+# The fault test kills a worker inside one of two points: enough for a kill and a retry elsewhere.
+FAULT_POINTS, FAULT_SPARSITIES = POINTS[1::2], "0.4,0.6"
 # One point at a time per Dask worker (the workers have MEMORY=4), so two points take both.
 ONE_PER_WORKER = ["-S", "sweep={resources: {threads: 1, memory_gb: 4}}"]
 
@@ -71,16 +73,21 @@ def _mask_bits(path: Path) -> tuple[dict, dict[str, bytes]]:
         return handle.metadata(), {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
 
 
-def _results(root: Path, name: str) -> dict:
+def _point_dirs(root: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (root / "artifacts" / "sweeps" / name).iterdir() if p.is_dir() and p.name != "report")
+
+
+def _results(root: Path, name: str, points: list[str] = POINTS) -> dict:
     """What must not depend on where a point ran: every point's masks, sparsity and metrics,
-    and the sweep's metrics (timings and timestamps aside)."""
+    and (for the whole sweep) the sweep's metrics (timings and timestamps aside)."""
     base = root / "artifacts" / "sweeps" / name
-    found: dict = {"report/results.json": (base / "report" / "results.json").read_bytes()}
-    for point in sorted(p.name for p in base.iterdir() if p.name != "report"):
+    found: dict = {}
+    if points == POINTS:
+        found["report/results.json"] = (base / "report" / "results.json").read_bytes()
+    for point in points:
         found[f"{point}/masks"] = _mask_bits(base / point / "masks" / "masks.safetensors")
         found[f"{point}/sparsity"] = (base / point / "masks" / "sparsity.json").read_bytes()
         found[f"{point}/metrics"] = (base / point / "evaluate" / "metrics.json").read_bytes()
-    assert len(found) == 1 + 3 * len(POINTS)
     return found
 
 
@@ -106,6 +113,10 @@ def test_dask_sweep_equals_local_sweep_on_two_workers(api_url, local_sweep, tmp_
     placement = {p["point"]: p["worker"] for p in result["placement"]}
     assert set(placement) == set(POINTS)
     assert set(placement.values()) == {"w1", "w2"}  # both workers took points
+    recorded = json.loads((root / "artifacts/sweeps/s/placement.json").read_text())["points"]
+    assert {r["point"]: r["worker"] for r in recorded} == placement and all(r["wall_s"] > 0 for r in recorded)
+    assert "| sparsity-0_3 | w" in (root / "artifacts/sweeps/s/placement.md").read_text()
+    assert _point_dirs(root, "s") == POINTS
     assert _results(root, "s") == _results(local_root, "s")  # bit for bit
     assert [r["perplexity"] for r in result["points"]] == [r["perplexity"] for r in local["points"]]
     # Shared stages ran once (before this sweep, in the cold project): nothing recomputed them.
@@ -130,6 +141,7 @@ def test_ray_sweep_equals_local_sweep(api_url, local_sweep, tmp_path):
     assert head.proc.returncode is not None
     assert {p["point"] for p in result["placement"]} == set(POINTS)
     assert all(p["worker"].startswith("ray:") for p in result["placement"])
+    assert _point_dirs(root, "s") == POINTS
     assert _results(root, "s") == _results(local_root, "s")
     assert status(root) == {}
 
@@ -165,7 +177,7 @@ def test_killed_worker_point_completes_on_the_other(api_url, local_sweep, tmp_pa
     workspaces = tmp_path / "ws"
     cluster = DaskCluster(root.parent, _workers_env(root, api_url, workspaces), ["victim", "survivor"])
     try:
-        sweep = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--json", "--sparsity", SPARSITIES,
+        sweep = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--json", "--sparsity", FAULT_SPARSITIES,
                                   "--name", "s", "--runner", cluster.address, *ONE_PER_WORKER], cwd=root, env=_env(api_url),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
@@ -182,6 +194,8 @@ def test_killed_worker_point_completes_on_the_other(api_url, local_sweep, tmp_pa
     assert sweep.returncode == 0, stderr[-4000:]
     result = json.loads(stdout[stdout.index("{"):])
     assert {p["worker"] for p in result["placement"]} <= {"victim", "survivor"}
+    assert {p["point"] for p in result["placement"]} == set(FAULT_POINTS)
     assert {p["point"] for p in result["placement"] if p["worker"] == "survivor"}
-    assert _results(root, "s") == _results(local_root, "s")
+    assert _point_dirs(root, "s") == FAULT_POINTS
+    assert _results(root, "s", FAULT_POINTS) == _results(local_root, "s", FAULT_POINTS)
     assert status(root) == {}

@@ -120,6 +120,19 @@ def test_lm_eval_loglikelihoods_equal_direct_forward(tmp_path, model64, tok):
         assert got == pytest.approx(row, abs=1e-9)
 
 
+def test_progress_counts_every_request_and_changes_no_result(tmp_path, model64, tok):
+    docs = mc_docs(count=5, seed=2)
+    folder = write_mc_task(tmp_path / "tasks", docs)
+    config = ZeroShotConfig(tasks=["tiny_mc"], task_source="include_path", include_path=str(folder), batch_size=2)
+    calls: list[tuple[int, int]] = []
+    watched = evaluate_zeroshot(model64, tok, config, progress=lambda done, total: calls.append((done, total)))
+    plain = evaluate_zeroshot(model64, tok, config)
+    requests = sum(len(d["choices"]) for d in docs)  # one loglikelihood request per choice
+    assert calls[0] == (0, requests) and calls[-1] == (requests, requests)
+    assert [done for done, _ in calls] == list(range(requests + 1))  # every request, once, in order
+    assert watched.tasks == plain.tasks
+
+
 def test_limit_seed_and_determinism(tmp_path, model64, tok):
     folder = write_mc_task(tmp_path / "tasks", mc_docs())
     config = ZeroShotConfig(tasks=["tiny_mc"], task_source="include_path", include_path=str(folder), limit=5, seed=7)

@@ -148,6 +148,7 @@ def run_evaluation(
     blocks=None,
     offload_dir: str | None = None,
     progress=None,
+    zeroshot_progress=None,
 ) -> EvaluationResult:
     """Perplexity and/or zero-shot accuracy of one in-memory model, as one sealed record.
 
@@ -166,7 +167,7 @@ def run_evaluation(
     started = time.perf_counter()
     ppl = (evaluate_perplexity(model, tokenizer, perplexity, blocks=blocks, offload_dir=offload_dir,
                                progress=progress) if perplexity is not None else None)
-    zs = evaluate_zeroshot(model, tokenizer, zeroshot) if zeroshot is not None else None
+    zs = evaluate_zeroshot(model, tokenizer, zeroshot, progress=zeroshot_progress) if zeroshot is not None else None
     return make_result(label, model_fingerprint, settings, ppl, zs, time.perf_counter() - started, model_source)
 
 

@@ -432,12 +432,47 @@ def prepared_tasks(config: ZeroShotConfig, work_dir: str | Path | None = None) -
         yield manager, data_digests, definition_digests
 
 
-def run_lm_eval(model, tokenizer, config: ZeroShotConfig, task_manager, log_samples: bool = False) -> dict:
-    """lm-eval's raw output for ``config.tasks`` on the in-memory ``model``."""
+class _RequestCounter:
+    """Calls ``progress(done, total)`` as lm-eval answers requests.
+
+    lm-eval hands all requests of one kind to one ``lm.loglikelihood(...)`` (or ``_rolling`` /
+    ``generate_until``) call and, inside it, reports every answered request to the LM's cache
+    hook exactly once; wrapping those calls (for the total) and that hook (for the count) gives
+    a per-request count without touching lm-eval's batching. lm-eval's own tqdm bar is switched
+    off then: the caller's callback draws one."""
+
+    KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+    def __init__(self, lm, progress) -> None:
+        self.inner, self.progress = lm.cache_hook, progress
+        self.done = self.total = 0
+        for kind in self.KINDS:
+            setattr(lm, kind, self._counted(getattr(lm, kind)))
+        lm.set_cache_hook(self)
+
+    def _counted(self, call):
+        def counted(requests, disable_tqdm: bool = False):
+            self.total += len(requests)
+            self.progress(self.done, self.total)
+            return call(requests, disable_tqdm=True)
+        return counted
+
+    def add_partial(self, attr: str, req, res) -> None:
+        self.inner.add_partial(attr, req, res)
+        self.done += 1
+        self.progress(min(self.done, self.total), self.total)
+
+
+def run_lm_eval(model, tokenizer, config: ZeroShotConfig, task_manager, log_samples: bool = False,
+                progress=None) -> dict:
+    """lm-eval's raw output for ``config.tasks`` on the in-memory ``model``; ``progress(done,
+    total)`` is called as requests are answered."""
     lm_eval, HFLM, _ = _lm_eval()
     with eval_mode(model), _preserved_rng():
         # An object, not a name: HFLM then loads nothing, from the hub or anywhere else.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        if progress is not None:
+            _RequestCounter(lm, progress)
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(config.tasks),
@@ -481,12 +516,13 @@ def _number(value: Any) -> float | None:
 
 
 def evaluate_zeroshot(model, tokenizer, config: ZeroShotConfig | None = None,
-                      work_dir: str | Path | None = None) -> ZeroShotResult:
-    """Per-task acc/acc_norm and the paper's mean (of ``acc``) over ``config.tasks``."""
+                      work_dir: str | Path | None = None, progress=None) -> ZeroShotResult:
+    """Per-task acc/acc_norm and the paper's mean (of ``acc``) over ``config.tasks``;
+    ``progress(done, total)`` counts lm-eval requests answered."""
     config = config or ZeroShotConfig()
     started = time.perf_counter()
     with prepared_tasks(config, work_dir) as (manager, data_digests, definition_digests):
-        output = run_lm_eval(model, tokenizer, config, manager)
+        output = run_lm_eval(model, tokenizer, config, manager, progress=progress)
     files = expected_data_files(config) if config.task_source == "local" else {}
     scores: dict[str, TaskScore] = {}
     for name in config.tasks:
