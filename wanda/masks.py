@@ -122,12 +122,9 @@ def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor
 
 
 def unstructured_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``int(numel * sparsity)`` lowest scores of the whole layer (magnitude baseline)."""
-    k = int(scores.numel() * sparsity)
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
-    return flat.reshape(scores.shape)
+    """Prune the ``int(numel * sparsity)`` lowest scores of the whole layer (magnitude baseline);
+    ties to the lower flat index, as a stable sort would, by the k-th value instead of a sort."""
+    return unstructured_row_mask(scores.reshape(1, -1), sparsity).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

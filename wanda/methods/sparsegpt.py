@@ -32,6 +32,7 @@ import logging
 
 import torch
 
+from ..masks import unstructured_layer_mask
 from .base import Layer, LayerResult, Method, register
 
 log = logging.getLogger(__name__)
@@ -202,13 +203,11 @@ def _sweep(W: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, sparsity: f
         Err1 = torch.zeros_like(W1)
         U1 = upper[i1:i2, i1:i2]
         d1 = U1.diagonal()
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
-            saliency = W1.pow(2) / d1.reshape(1, -1).pow(2)
-            k = int(saliency.numel() * sparsity)
-            if k:
-                flat = torch.sort(saliency.reshape(-1), stable=True).indices[:k]
-                mask1.view(-1)[flat] = True
+            # The block's lowest saliencies, ties to the lower flat index (a stable sort's order).
+            mask1 = unstructured_layer_mask(W1.pow(2) / d1.reshape(1, -1).pow(2), sparsity)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
             w = W1[:, i]
             d = U1[i, i]
