@@ -3,7 +3,7 @@
 PostgreSQL (Debian's package, a cluster in a temporary folder) backs an ``mlflow server`` with
 proxied artifacts; a ``prefect server`` with a ``process`` work pool and a worker runs the
 nightly deployment, registered from deploy/prefect.yaml by ``wanda-pipeline deploy``; a DVC
-remote is a temporary folder. The run is the embedded SmolLM2-135M with small sizes. Checked:
+remote is a temporary folder. The run is the tiny project's model (a random LLaMA). Checked:
 the flow run completed, the MLflow run and its lineage are on the PostgreSQL-backed server, the
 registry's ``champion`` names the run's version, the DVC remote holds the pushed outputs and run
 cache, and ``prefect deploy`` accepts deploy/prefect.yaml as it stands. Every process started
@@ -26,16 +26,11 @@ from tests.pipeline_project import REPO, make_project
 pytestmark = [pytest.mark.servers, pytest.mark.integration]
 
 POOL = "wanda-gpu"  # the name deploy/prefect.yaml uses
-# The embedded default (model and text sources) at small sizes; the gate's quality limit is
-# loose (4 short windows say little), its sparsity limit is not.
+# The tiny project of the pipeline tests (tests.pipeline_project): this test is about the
+# deployment's machinery (servers, worker, registry, remote); the embedded model's pipeline is
+# proven by the digests, the embedded integration tests and `make demo`. The gate's quality limit
+# is loose (4 short windows say little), its sparsity limit is not.
 PROJECT_OVERRIDES = [
-    "model.source=embedded:smollm2-135m-instruct",
-    "calibration.source={path: 'shared:wikitext-2/valid.txt'}",
-    "calibration.fallback={builtin: pydoc_topics, part: calibration}",
-    "calibration.nsamples=4",
-    "calibration.seqlen=64",
-    "evaluate.perplexity={source: {path: 'shared:wikitext-2-raw/wiki.test.raw'}, fallback: {builtin: pydoc_topics, "
-    "part: evaluation}, seqlen: 64, max_windows: 4, batch_size: 1}",
     "export_24.enabled=false",
     "gate.max_ppl_increase_rel=50.0",
     "gate.min_sparsity=0.49",

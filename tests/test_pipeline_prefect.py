@@ -60,11 +60,6 @@ def test_pipeline_flow_runs_changed_stages_then_everything_is_cached(harness, tm
 
     again = prune_pipeline(repo=str(root))
     assert {o["action"] for o in again["outcomes"]} == {"cached"}
-    # Where each point ran, beside the report: this run computed nothing, the first run did.
-    placed = json.loads((root / "artifacts/sweeps/t/placement.json").read_text())["points"]
-    assert {r["point"]: r["worker"] for r in placed} == {"sparsity-0_4": "cached", "sparsity-0_6": "cached"}
-    assert {r["point"] for r in result["placement"]} == {"sparsity-0_4", "sparsity-0_6"}
-    assert all(r["wall_s"] > 0 for r in result["placement"])
     assert again["seconds"] < result["seconds"]
 
 

@@ -95,7 +95,7 @@ def _results(root: Path, name: str, points: list[str] = POINTS) -> dict:
 def local_sweep(api_url, tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("local") / "p")
     result = _cli(root, api_url, "--sparsity", SPARSITIES, "--name", "s", "--runner", "local",
-                  "--workers", "1")
+                  "--workers", "2", *ONE_THREAD)  # two points at a time, each on one thread
     return root, result
 
 
