@@ -122,10 +122,11 @@ class _StageProgress:
         tenth = int(report.percent // 10)
         if tenth != self.logged_tenth or report.done >= report.total:
             self.logged_tenth = tenth
-            self.logger.info("%s: %s: %s %d of %d (%.0f%%)", self.stage or "stage", report.description,
-                             report.unit, report.done, report.total, report.percent)
+            # The description names the stage kind ("masks: ...") and the log is the stage's task run's.
+            self.logger.info("%s: %s %d of %d (%.0f%%)", report.description, report.unit, report.done,
+                             report.total, report.percent)
         else:
-            self.logger.debug("%s: %s", self.stage or "stage", text)
+            self.logger.debug("%s", text)
         if self.broken:
             return
         try:

@@ -129,6 +129,24 @@ def test_flow_output_reader_logs_malformed_progress_lines_as_they_are():
     assert collect.messages == [bad, "Running stage 'masks':"]
 
 
+def test_flow_output_reader_logs_a_count_at_each_tenth_only():
+    from flows.execution import _StageProgress
+
+    logger, collect = logging.getLogger("test-progress-tenths"), _Collect()
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    try:
+        tracker = _StageProgress("masks", "masks: wanda", logger)
+        tracker.broken = True  # no Prefect run here: the log side only (artifacts: the flow test below)
+        for done in range(1, 101):
+            tracker.update(progress.ProgressLine("masks: wanda", "block", done, 100))
+    finally:
+        logger.removeHandler(collect)
+    assert collect.messages[0] == "masks: wanda: block 1 of 100 (1%)"
+    assert collect.messages[-1] == "masks: wanda: block 100 of 100 (100%)"
+    assert len(collect.messages) == 11  # 1%, then 10%, 20%, ... 100%
+
+
 @pytest.mark.integration
 def test_progress_artifact_inside_a_flow_run(harness, monkeypatch):
     from prefect import flow
@@ -159,7 +177,8 @@ def test_stage_progress_reaches_artifacts_of_the_stage_task_runs(harness, tmp_pa
     from tests.pipeline_project import copy_project
 
     root = copy_project(tmp_path / "p")
-    result = prune_pipeline(repo=str(root), overrides=["masks.sparsity=0.6"], track=False)
+    result = prune_pipeline(repo=str(root), overrides=["masks.sparsity=0.6"], targets=["evaluate"],
+                            track=False)
     actions = {o["address"]: o["action"] for o in result["outcomes"]}
     assert actions["masks"] == "ran" and actions["evaluate"] == "ran"
     APILogWorker.drain_all(timeout=30)
@@ -180,4 +199,4 @@ def test_stage_progress_reaches_artifacts_of_the_stage_task_runs(harness, tmp_pa
     assert float(windows.data) == 100.0 and "window: 4 of 4" in windows.description
     assert masks.flow_run_id == windows.flow_run_id is not None
     assert not any(progress.LINE_MARK.strip() in m for m in logs)  # the lines themselves are not logged
-    assert any(m.startswith("masks: masks: ") and "block 2 of 2 (100%)" in m for m in logs)
+    assert any(m.startswith("masks: ") and "block 2 of 2 (100%)" in m for m in logs)
