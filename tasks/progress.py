@@ -56,7 +56,8 @@ class ProgressLine:
 
     @property
     def percent(self) -> float:
-        return round(100.0 * self.done / self.total, 1) if self.total else 100.0
+        """Percent done, at most 100 (Prefect's progress artifacts take 0 to 100)."""
+        return min(100.0, round(100.0 * self.done / self.total, 1)) if self.total else 100.0
 
 
 def format_line(description: str, unit: str, done: int, total: int) -> str:

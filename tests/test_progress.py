@@ -53,6 +53,7 @@ def test_progress_lines_round_trip_and_reject_malformed_ones():
     assert line.startswith(progress.LINE_MARK) and "\n" not in line
     assert progress.parse_line(line) == ("", progress.ProgressLine('masks: wanda "2:4" \u00e9', "block", 3, 12))
     assert progress.parse_line(line)[1].percent == 25.0
+    assert progress.ProgressLine("x", "request", 5, 4).percent == 100.0  # never over Prefect's 100
     # glued behind another stream's unfinished line: that text comes back to be logged as it is
     assert progress.parse_line("partial stdout" + line)[0] == "partial stdout"
     mark = progress.LINE_MARK
