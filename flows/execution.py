@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from tasks.common import read_manifest
+from tasks.progress import LINES_ENV, ProgressLine, parse_line
 
 from . import dvc
 
@@ -71,15 +73,73 @@ _DVC_HINTS = ("Use `dvc push`", "To track the changes with git", "git add ", "To
               "dvc config core.autostage", "Data and pipelines are up to date")
 
 
-class _Sink:
-    """Forward DVC/stage output lines to the task's logger (progress: 'block k of n', windows)."""
+# Asks the stage process for progress lines on stderr (DVC passes its environment on to it).
+PROGRESS_ENV = {LINES_ENV: "1"}
 
-    def __init__(self, logger):
-        self.logger = logger
+
+class _Sink:
+    """Forward DVC/stage output lines to the task's logger. A stage's progress lines
+    (tasks.progress) instead keep one Prefect progress artifact per description up to date in
+    the task run, with a log line only at each tenth of the way (the rest at debug level)."""
+
+    def __init__(self, logger, stage: str | None = None):
+        self.logger, self.stage = logger, stage
+        self._progress: dict[str, _StageProgress] = {}
 
     def __call__(self, line: str) -> None:
-        if not line.strip().startswith(_DVC_HINTS):
-            self.logger.info("%s", line)
+        parsed = parse_line(line)
+        if parsed is None:
+            if not line.strip().startswith(_DVC_HINTS):
+                self.logger.info("%s", line)
+            return
+        before, report = parsed
+        if before.strip():  # another stream's unfinished line the progress line was glued to
+            self(before)
+        tracker = self._progress.get(report.description)
+        if tracker is None:
+            tracker = self._progress[report.description] = _StageProgress(self.stage, report.description, self.logger)
+        tracker.update(report)
+
+
+def _artifact_key(stage: str | None, description: str) -> str:
+    """Prefect's artifact keys allow lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{stage or ''} {description}".lower()).strip("-")
+    return f"wanda-progress-{slug}"[:200].rstrip("-")
+
+
+class _StageProgress:
+    """One stage's count of one thing (blocks, windows, requests) as a Prefect progress artifact
+    of the current task run; an artifact API that fails is warned about once, never fatal."""
+
+    def __init__(self, stage: str | None, description: str, logger):
+        self.stage, self.description, self.logger = stage, description, logger
+        self.artifact_id = None
+        self.broken = False
+        self.logged_tenth = -1
+
+    def update(self, report: ProgressLine) -> None:
+        text = f"{report.description} ({report.unit}: {report.done} of {report.total})"
+        tenth = int(report.percent // 10)
+        if tenth != self.logged_tenth or report.done >= report.total:
+            self.logged_tenth = tenth
+            # The description names the stage kind ("masks: ...") and the log is the stage's task run's.
+            self.logger.info("%s: %s %d of %d (%.0f%%)", report.description, report.unit, report.done,
+                             report.total, report.percent)
+        else:
+            self.logger.debug("%s", text)
+        if self.broken:
+            return
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    report.percent, key=_artifact_key(self.stage, report.description), description=text)
+            else:
+                update_progress_artifact(self.artifact_id, report.percent, description=text)
+        except Exception as exc:  # the artifact is a view; a failing API must not fail the stage
+            self.broken = True
+            self.logger.warning("progress artifact for %r not updated: %s", report.description, exc)
 
 
 @task(name="stage", task_run_name="{plan.address}", cache_policy=NO_CACHE)
@@ -95,8 +155,8 @@ def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: boo
                          message="up to date in DVC: parameters, input bytes and code unchanged")
     if plan.force_reason:
         logger.info("%s: re-running: %s", plan.address, plan.force_reason)
-    action = dvc.repro(root_path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=run_cache,
-                       warn=logger.warning).action
+    action = dvc.repro(root_path, plan.address, sink=_Sink(logger, plan.address), force=plan.force,
+                       run_cache=run_cache, warn=logger.warning, env=PROGRESS_ENV).action
     outcome = _outcome(plan, root_path, action, time.perf_counter() - started)
     if outcome.status == "skipped":
         logger.info("%s skipped: %s", plan.address, outcome.reason)

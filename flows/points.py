@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from . import dvc
-from .execution import StagePlan, _outcome, _Sink
+from .execution import PROGRESS_ENV, StagePlan, _outcome, _Sink
 from .runners import Resources, pinned_environment, slots_here, worker_name
 from .workspace import Snapshot, workspace, workspaces_root
 
@@ -51,8 +51,8 @@ def run_point_task(job: PointJob) -> dict[str, Any]:
     with workspace(job.source, f"{job.sweep}-{job.point}-{worker}", workspaces_root(job.workspaces)) as path:
         for plan in job.stages:
             t0 = time.perf_counter()
-            action = dvc.repro(path, plan.address, sink=_Sink(logger), force=plan.force, run_cache=job.run_cache,
-                               warn=logger.warning, env=env).action
+            action = dvc.repro(path, plan.address, sink=_Sink(logger, plan.address), force=plan.force,
+                               run_cache=job.run_cache, warn=logger.warning, env={**env, **PROGRESS_ENV}).action
             outcomes.append(asdict(_outcome(plan, path, action, time.perf_counter() - t0)))
     return {"point": job.point, "worker": worker, "host": platform.node(),
             "seconds": round(time.perf_counter() - started, 3), "outcomes": outcomes}
