@@ -5,9 +5,10 @@ before they run it and hand it back right after:
 
 - ``ResidentBlocks``: the model is in memory; every request returns the block as it is.
 - ``StreamedBlocks``: the model is a skeleton on the ``meta`` device (built from its config, no
-  weights); a request copies the block's tensors out of the memory-mapped shards (onto the
-  block device), and handing it back first lets a writer see the pruned block, then puts its
-  parameters back on ``meta``. The layers outside the blocks (embeddings, final norm,
+  weights); a request copies the block's tensors out of the shards (onto the block device),
+  converted as transformers converts them on load (``wanda.conversion``: renamed tensors, and
+  per-expert tensors merged into the fused experts parameters), and handing it back first lets
+  a writer see the pruned block, then puts its parameters back on ``meta``. The layers outside the blocks (embeddings, final norm,
   ``lm_head``) are loaded only while a caller needs them.
 
 Both give the walk the same modules under the same names, so masks, statistics and pruned
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -26,7 +26,8 @@ from torch import nn
 
 from .architecture import find_blocks
 from .checkpoint import Checkpoint
-from .errors import ArtifactMismatchError, ConfigError, UnsupportedArchitectureError
+from .conversion import ShardConversion
+from .errors import ArtifactMismatchError, ConfigError
 from .placement import check_device
 
 log = logging.getLogger(__name__)
@@ -163,34 +164,6 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _renamed_on_load(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
-    """``model name -> shard name`` for tensors transformers renames when it loads (GPT-NeoX's
-    ``embed_out`` is the model's ``lm_head``). Conversions that merge or split tensors cannot be
-    read one tensor at a time; a model whose shards need one is refused."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - older transformers load by plain names
-        return {}
-    aliases: dict[str, str] = {}
-    for transform in get_model_conversion_mapping(model):
-        patterns = [re.compile(p) for p in transform.source_patterns]
-        hits = [key for key in checkpoint.tensors if any(p.search(key) for p in patterns)]
-        if not hits:
-            continue
-        if not isinstance(transform, WeightRenaming) or len(transform.target_patterns) != 1:
-            raise UnsupportedArchitectureError(
-                f"{type(model).__name__}: transformers converts {hits[0]!r} (and {len(hits) - 1} more) when loading "
-                "these shards (merged or split tensors), which a block-by-block read cannot do; use runtime.load 'full'")
-        for key in hits:
-            renamed = key
-            for pattern in patterns:
-                renamed = pattern.sub(transform.target_patterns[0], renamed)
-            if renamed != key:
-                aliases[renamed] = key
-    return aliases
-
-
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
     for info in checkpoint.tensors.values():
         if info.dtype.is_floating_point:
@@ -219,11 +192,21 @@ class StreamedBlocks:
         self.on_done: BlockDone | None = None
         self._loaded: set[int] = set()
         self._outside_loaded = False
-        checkpoint.aliases.update(_renamed_on_load(model, checkpoint))
+        # Renames and merges exactly as from_pretrained would do them (refused here, before any
+        # work, if a conversion cannot be planned on shapes alone).
+        self.conversion = ShardConversion.plan(model, checkpoint)
+        checkpoint.aliases.update(self.conversion.aliases)
         self._check()
         map_large_allocations()
 
     # -- what the shards must hold ------------------------------------------------------------
+
+    def _has(self, name: str) -> bool:
+        return name in self.checkpoint or self.conversion.is_converted(name)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape of model parameter ``name`` as the shards give it (after conversion)."""
+        return self.conversion.shape(name, self.checkpoint)
 
     def _groups(self, module: nn.Module, prefix: str) -> list[list[str]]:
         """Parameter names (and persistent buffers the shards hold), tied parameters grouped."""
@@ -231,7 +214,7 @@ class StreamedBlocks:
         for name, param in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
         for name, _ in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=False):
-            if name in self.checkpoint:
+            if self._has(name):
                 groups.setdefault(("buffer", name), []).append(name)
         return list(groups.values())
 
@@ -246,14 +229,14 @@ class StreamedBlocks:
         expected = dict(self.model.named_parameters(remove_duplicate=False))
         missing = []
         for group in self._groups(self.model, ""):
-            present = [n for n in group if n in self.checkpoint]
+            present = [n for n in group if self._has(n)]
             if not present:
                 missing.append(group[0])
                 continue
             for name in present:
-                if name in expected and tuple(expected[name].shape) != self.checkpoint.info(name).shape:
+                if name in expected and tuple(expected[name].shape) != self.shape_of(name):
                     raise ArtifactMismatchError(
-                        f"{self.checkpoint.folder}: {name} has shape {self.checkpoint.info(name).shape} in the shards "
+                        f"{self.checkpoint.folder}: {name} has shape {self.shape_of(name)} in the shards "
                         f"but {tuple(expected[name].shape)} in config.json's model")
         if missing:
             raise ArtifactMismatchError(
@@ -263,8 +246,13 @@ class StreamedBlocks:
     # -- loading --------------------------------------------------------------------------------
 
     def _load_groups(self, groups: list[list[str]]) -> None:
-        wanted = [next(n for n in group if n in self.checkpoint) for group in groups]
-        tensors = self.checkpoint.read(wanted, self.dtype, self.device)
+        wanted = [next(n for n in group if self._has(n)) for group in groups]
+        tensors = self.checkpoint.read([n for n in wanted if not self.conversion.is_converted(n)],
+                                       self.dtype, self.device)
+        for name in wanted:
+            if name not in tensors:  # a converted group (one read makes all its parameters)
+                group = self.conversion.group_of[name]
+                tensors.update(self.conversion.read(group, self.checkpoint, self.dtype, self.device))
         for group, source in zip(groups, wanted):
             for name in group:
                 _set_tensor(self.model, name, tensors[source])
