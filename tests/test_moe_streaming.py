@@ -176,3 +176,30 @@ def test_a_conversion_that_cannot_be_written_back_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="cannot be written into a copy of the shards"):
         apply_masks_to_checkpoint(base, tmp_path / "applied", tmp_path / "m.safetensors")
     assert not (tmp_path / "applied").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+def test_streamed_owl_over_experts_and_conv1d_equals_loaded(family, tmp_path):
+    """OWL's outlier ratios read every target's view from the shards (fused experts merged as on
+    load, Conv1D transposed): the allocation and the masks equal the loaded model's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_moe import tiny_other_config
+
+    def fresh():
+        if family != "gpt2":
+            return tiny_moe_model(family)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_other_config("gpt2")).eval()
+
+    base = tmp_path / "base"
+    fresh().save_pretrained(base, max_shard_size="40KB")
+    loaded = fresh()
+    config = wanda.PruneConfig(batch_size=2, allocation="owl", owl_lambda=0.05)
+    expected = wanda.prune_model(loaded, TOKENS, config)
+    prune_checkpoint(base, tmp_path / "out", TOKENS, config, masks_path=tmp_path / "m.safetensors")
+    masks, _ = wanda.load_masks(tmp_path / "m.safetensors")
+    assert masks.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(masks[name], expected[name]), name
+    _assert_loads_as(tmp_path / "out", loaded)

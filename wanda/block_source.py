@@ -8,8 +8,8 @@ before they run it and hand it back right after:
   weights); a request copies the block's tensors out of the shards (onto the block device),
   converted as transformers converts them on load (``wanda.conversion``: renamed tensors, and
   per-expert tensors merged into the fused experts parameters), and handing it back first lets
-  a writer see the pruned block, then puts its parameters back on ``meta``. The layers outside the blocks (embeddings, final norm,
-  ``lm_head``) are loaded only while a caller needs them.
+  a writer see the pruned block, then puts its parameters back on ``meta``. The layers outside
+  the blocks (embeddings, final norm, ``lm_head``) are loaded only while a caller needs them.
 
 Both give the walk the same modules under the same names, so masks, statistics and pruned
 weights are the same bit for bit whichever source ran.
@@ -74,16 +74,32 @@ class _LazyWeight:
 
 
 class LazyWeights(Mapping):
-    """``name -> object with .weight`` read from the shards on access (one tensor at a time)."""
+    """``target name -> object with .weight`` (its [out, in] view) read from the shards on access.
 
-    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype):
-        self.checkpoint, self.names, self.dtype = checkpoint, list(names), dtype
+    A linear layer reads its one tensor; a Conv1D or an expert reads its stored parameter (a fused
+    experts parameter merged as transformers loads it) and takes the target's view. The parameters
+    of the block asked for last are kept, so a block's experts share one read of their fused
+    parameter and memory holds one block's parameters at most.
+    """
+
+    def __init__(self, source: "StreamedBlocks", names: list[str]):
+        self.source, self.names = source, list(names)
+        self._block: str | None = None
+        self._params: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> _LazyWeight:
+        from .targets import target_of_name
+
         if name not in self.names:
             raise KeyError(name)
-        key = f"{name}.weight"
-        return _LazyWeight(self.checkpoint.read([key], self.dtype)[key])
+        target = target_of_name(self.source.model, name)
+        key = target.numel_key
+        block = self.source.block_prefix(key)
+        if block != self._block:
+            self._block, self._params = block, {}
+        if key not in self._params:
+            self._params.update(self.source.read_parameters([key]))
+        return _LazyWeight(target.view_of(self.source.model, self._params[key]))
 
     def __iter__(self):
         return iter(self.names)
@@ -96,7 +112,11 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        # One Parameter object per tied group (the caller passes it to each name): the groups
+        # are found by object identity, so separate wrappers would untie them for the next load.
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[attr] = tensor
     else:
         module._buffers[attr] = tensor
 
@@ -245,17 +265,31 @@ class StreamedBlocks:
 
     # -- loading --------------------------------------------------------------------------------
 
+    def read_parameters(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Model parameters by name from the shards in the walk's dtype (a converted group's read
+        gives all the parameters it makes)."""
+        tensors = self.checkpoint.read([n for n in names if not self.conversion.is_converted(n)], self.dtype, device)
+        for name in names:
+            if name not in tensors:
+                group = self.conversion.group_of[name]
+                tensors.update(self.conversion.read(group, self.checkpoint, self.dtype, device))
+        return tensors
+
+    def block_prefix(self, name: str) -> str | None:
+        """``<blocks path>.<index>.`` of a parameter inside the decoder blocks, else None."""
+        if not name.startswith(f"{self.path}."):
+            return None
+        return f"{self.path}.{name[len(self.path) + 1:].split('.', 1)[0]}."
+
     def _load_groups(self, groups: list[list[str]]) -> None:
         wanted = [next(n for n in group if self._has(n)) for group in groups]
-        tensors = self.checkpoint.read([n for n in wanted if not self.conversion.is_converted(n)],
-                                       self.dtype, self.device)
-        for name in wanted:
-            if name not in tensors:  # a converted group (one read makes all its parameters)
-                group = self.conversion.group_of[name]
-                tensors.update(self.conversion.read(group, self.checkpoint, self.dtype, self.device))
+        tensors = self.read_parameters(wanted, self.device)
         for group, source in zip(groups, wanted):
+            tensor = tensors[source]
+            if len(group) > 1:  # tied parameters (a buffer's group has its one name)
+                tensor = nn.Parameter(tensor, requires_grad=False)
             for name in group:
-                _set_tensor(self.model, name, tensors[source])
+                _set_tensor(self.model, name, tensor)
 
     def load(self, index: int) -> nn.Module:
         block = self.blocks[index]
@@ -279,13 +313,15 @@ class StreamedBlocks:
     def release_outside(self) -> None:
         if self._outside_loaded:
             for group in self._outside_groups():
+                meta = None  # one per group: tied parameters (lm_head = embeddings) stay tied
                 for name in group:
                     module_name, _, attr = name.rpartition(".")
                     module = self.model.get_submodule(module_name) if module_name else self.model
                     param = module._parameters.get(attr)
                     if param is not None and param.device.type != "meta":
-                        module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                                requires_grad=False)
+                        if meta is None:
+                            meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                        module._parameters[attr] = meta
             self._outside_loaded = False
             return_freed_memory()
 
@@ -300,7 +336,7 @@ class StreamedBlocks:
             self.release(index)
 
     def weights(self, names: list[str]) -> Mapping:
-        return LazyWeights(self.checkpoint, names, self.dtype)
+        return LazyWeights(self, names)
 
 
 def open_streamed(folder: str | Path, dtype: torch.dtype | str | None = None,

@@ -209,6 +209,7 @@ class ShardConversion:
             if missing:
                 raise ArtifactMismatchError(f"{first}: writing it back into the shards needs {missing[0]!r} too "
                                             f"(transformers converts them together)")
-            for key, tensor in revert_conversion(self.model, {n: t.detach().to("cpu") for n, t in members.items()}).items():
+            members = {n: t.detach().to("cpu") for n, t in members.items()}
+            for key, tensor in revert_conversion(self.model, members).items():
                 out[key] = tensor.to(checkpoint.info(key).dtype)
         return out

@@ -12,6 +12,10 @@ The pipeline splits the same work over stages: statistics (``collect_statistics`
 streamed source), masks (``prune_model`` or ``masks_from_statistics`` into a ``MaskSpool``,
 SparseGPT's updated weights through ``BlockWeightsWriter``) and the pruned model
 (``apply_masks_to_checkpoint``: masks applied tensor by tensor, no model at all).
+
+Checkpoints that store one tensor per expert (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3) are read
+merged into the model's fused experts parameters and written split back under their own names,
+both by transformers' own conversions (``wanda.conversion``).
 """
 from __future__ import annotations
 
@@ -235,9 +239,10 @@ def apply_masks_to_checkpoint(
     place into a copy of its shard. A fused experts parameter whose checkpoint stores one tensor
     per expert (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3) is merged from them as transformers loads
     it and split back into them by transformers' reverse conversion, so the output keeps the
-    checkpoint's own names. Nothing is loaded as a model; memory holds one parameter (one fused
-    experts parameter) and its masks. ``out_dir`` must not exist yet or is replaced atomically by
-    the caller. Returns ``{"zeros": ..., "total": ...}`` counted on the written target weights.
+    checkpoint's own names. Nothing is loaded as a model; memory holds one parameter and its
+    masks (a fused experts parameter about twice over while it is merged or split). ``out_dir``
+    must not exist yet or is replaced atomically by the caller. Returns ``{"zeros": ..., "total": ...}``
+    counted on the written target weights.
     """
     from .block_source import build_skeleton
     from .masks import apply_mask
