@@ -9,6 +9,7 @@ and the streamed pruned folder, reloaded, equals the loaded pruned model, bit fo
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,44 @@ def test_streamed_owl_over_experts_and_conv1d_equals_loaded(family, tmp_path):
     for name in expected:
         assert torch.equal(masks[name], expected[name]), name
     _assert_loads_as(tmp_path / "out", loaded)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_stream_stages_on_a_converted_moe_equal_full(method, tmp_path, monkeypatch):
+    """The pipeline's stages in-process (materialize, calibration, statistics, masks, prune) on a
+    tiny Mixtral with ``runtime.load`` ``stream`` and ``full``: same masks artifact contents, and the
+    streamed pruned folder reloads to the fully loaded run's pruned model."""
+    import random
+
+    from tasks import calibration, masks as masks_stage, materialize, prune, statistics
+    from tasks.params import apply_overrides, read_yaml, validate_params
+    from tests.pipeline_project import REPO, TINY_OVERRIDES
+    from tests.tiny import tiny_tokenizer
+    from wanda.model_io import save_model
+
+    fixtures = tmp_path / "fixtures"
+    save_model(tiny_moe_model("mixtral"), tiny_tokenizer(), fixtures / "tiny-model")
+    rng = random.Random(0)
+    (fixtures / "calib.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(3000)))
+    (fixtures / "eval.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(2000)))
+    results = {}
+    for load in ("full", "stream"):
+        root = tmp_path / load
+        root.mkdir()
+        shutil.copytree(fixtures, root / "fixtures")
+        monkeypatch.chdir(root)
+        params = validate_params(apply_overrides(read_yaml(REPO / "params.yaml"), TINY_OVERRIDES + [
+            f"runtime.load={load}", f"masks.method={method}"]))
+        for run in (materialize.run, calibration.run, statistics.run, masks_stage.run, prune.run):
+            run(params, root)
+        assert (root / params.paths.masks / "weights.safetensors").is_file() == (method == "sparsegpt")
+        results[load] = (wanda.load_masks(root / params.paths.masks / "masks.safetensors")[0],
+                         root / params.paths.prune / "model")
+    (full_masks, full_dir), (stream_masks, stream_dir) = results["full"], results["stream"]
+    assert full_masks.keys() == stream_masks.keys() and any(n.endswith("]") for n in full_masks)
+    assert all(torch.equal(full_masks[n], stream_masks[n]) for n in full_masks)
+    from transformers import AutoModelForCausalLM
+
+    _assert_loads_as(stream_dir, AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32))
+    with safe_open(str(next(stream_dir.glob("*.safetensors"))), "pt") as handle:
+        assert any(".block_sparse_moe.experts.0.w1." in k for k in handle.keys())  # the checkpoint's own names
