@@ -2,7 +2,8 @@
 
 Tiny random configs (``tests/tiny_moe.py``): block-wide zeros, per-expert masks against the
 naive reference (``tests/reference_moe.py``), the expert policies, every method on experts,
-sequential and one-pass, streamed equal to loaded, GPT-2 against a naive reference, and the
+sequential and one-pass, streamed equal to loaded (fused-expert checkpoints; the
+converted ones are in ``tests/test_moe_streaming.py``), GPT-2 against a naive reference, and the
 block-wide figures through the report into the release gate.
 """
 from __future__ import annotations
@@ -166,15 +167,6 @@ def test_streamed_experts_equal_loaded(family, tmp_path):
             assert torch.equal(written[key], tensor), key
 
 
-def test_converted_expert_checkpoints_refuse_streaming_by_name(tmp_path):
-    from wanda.block_source import open_streamed
-    from wanda.errors import UnsupportedArchitectureError
-
-    tiny_moe_model("mixtral").save_pretrained(tmp_path / "base")
-    with pytest.raises(UnsupportedArchitectureError, match="runtime.load 'full'"):
-        open_streamed(tmp_path / "base")
-
-
 def test_masks_apply_by_expert_name_and_round_trip(tmp_path):
     model = tiny_moe_model("gpt_oss")  # stored [in, out] per expert: the view is a transpose
     masks = _prune(model)
@@ -300,18 +292,3 @@ def test_streamed_apply_of_expert_masks_equals_loaded_apply(family, tmp_path):
     for key, tensor in pruned.state_dict().items():
         if key in written:
             assert torch.equal(written[key], tensor), key
-
-
-def test_streamed_apply_names_experts_stored_under_other_names(tmp_path):
-    """GraniteMoE's shards hold the experts as ``input_linear``/``output_linear`` (transformers
-    renames them on load): the streamed apply refuses by name instead of writing a partial model."""
-    from wanda.errors import ArtifactMismatchError
-    from wanda.streaming import apply_masks_to_checkpoint
-
-    base = tmp_path / "base"
-    tiny_moe_model("granitemoe").save_pretrained(base)
-    masks = wanda.prune_model(tiny_moe_model("granitemoe"), TOKENS, wanda.PruneConfig(batch_size=2))
-    wanda.save_masks(tmp_path / "m.safetensors", masks, metadata=masks.metadata)
-    with pytest.raises(ArtifactMismatchError, match="runtime.load 'full'"):
-        apply_masks_to_checkpoint(base, tmp_path / "out", tmp_path / "m.safetensors")
-    assert not (tmp_path / "out").exists()

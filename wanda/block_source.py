@@ -5,10 +5,11 @@ before they run it and hand it back right after:
 
 - ``ResidentBlocks``: the model is in memory; every request returns the block as it is.
 - ``StreamedBlocks``: the model is a skeleton on the ``meta`` device (built from its config, no
-  weights); a request copies the block's tensors out of the memory-mapped shards (onto the
-  block device), and handing it back first lets a writer see the pruned block, then puts its
-  parameters back on ``meta``. The layers outside the blocks (embeddings, final norm,
-  ``lm_head``) are loaded only while a caller needs them.
+  weights); a request copies the block's tensors out of the shards (onto the block device),
+  converted as transformers converts them on load (``wanda.conversion``: renamed tensors, and
+  per-expert tensors merged into the fused experts parameters), and handing it back first lets
+  a writer see the pruned block, then puts its parameters back on ``meta``. The layers outside
+  the blocks (embeddings, final norm, ``lm_head``) are loaded only while a caller needs them.
 
 Both give the walk the same modules under the same names, so masks, statistics and pruned
 weights are the same bit for bit whichever source ran.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -26,7 +26,8 @@ from torch import nn
 
 from .architecture import find_blocks
 from .checkpoint import Checkpoint
-from .errors import ArtifactMismatchError, ConfigError, UnsupportedArchitectureError
+from .conversion import ShardConversion
+from .errors import ArtifactMismatchError, ConfigError
 from .placement import check_device
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,32 @@ class _LazyWeight:
 
 
 class LazyWeights(Mapping):
-    """``name -> object with .weight`` read from the shards on access (one tensor at a time)."""
+    """``target name -> object with .weight`` (its [out, in] view) read from the shards on access.
 
-    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype):
-        self.checkpoint, self.names, self.dtype = checkpoint, list(names), dtype
+    A linear layer reads its one tensor; a Conv1D or an expert reads its stored parameter (a fused
+    experts parameter merged as transformers loads it) and takes the target's view. The parameters
+    of the block asked for last are kept, so a block's experts share one read of their fused
+    parameter and memory holds one block's parameters at most.
+    """
+
+    def __init__(self, source: "StreamedBlocks", names: list[str]):
+        self.source, self.names = source, list(names)
+        self._block: str | None = None
+        self._params: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> _LazyWeight:
+        from .targets import target_of_name
+
         if name not in self.names:
             raise KeyError(name)
-        key = f"{name}.weight"
-        return _LazyWeight(self.checkpoint.read([key], self.dtype)[key])
+        target = target_of_name(self.source.model, name)
+        key = target.numel_key
+        block = self.source.block_prefix(key)
+        if block != self._block:
+            self._block, self._params = block, {}
+        if key not in self._params:
+            self._params.update(self.source.read_parameters([key]))
+        return _LazyWeight(target.view_of(self.source.model, self._params[key]))
 
     def __iter__(self):
         return iter(self.names)
@@ -95,7 +112,11 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        # One Parameter object per tied group (the caller passes it to each name): the groups
+        # are found by object identity, so separate wrappers would untie them for the next load.
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[attr] = tensor
     else:
         module._buffers[attr] = tensor
 
@@ -163,34 +184,6 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _renamed_on_load(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
-    """``model name -> shard name`` for tensors transformers renames when it loads (GPT-NeoX's
-    ``embed_out`` is the model's ``lm_head``). Conversions that merge or split tensors cannot be
-    read one tensor at a time; a model whose shards need one is refused."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - older transformers load by plain names
-        return {}
-    aliases: dict[str, str] = {}
-    for transform in get_model_conversion_mapping(model):
-        patterns = [re.compile(p) for p in transform.source_patterns]
-        hits = [key for key in checkpoint.tensors if any(p.search(key) for p in patterns)]
-        if not hits:
-            continue
-        if not isinstance(transform, WeightRenaming) or len(transform.target_patterns) != 1:
-            raise UnsupportedArchitectureError(
-                f"{type(model).__name__}: transformers converts {hits[0]!r} (and {len(hits) - 1} more) when loading "
-                "these shards (merged or split tensors), which a block-by-block read cannot do; use runtime.load 'full'")
-        for key in hits:
-            renamed = key
-            for pattern in patterns:
-                renamed = pattern.sub(transform.target_patterns[0], renamed)
-            if renamed != key:
-                aliases[renamed] = key
-    return aliases
-
-
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
     for info in checkpoint.tensors.values():
         if info.dtype.is_floating_point:
@@ -219,11 +212,21 @@ class StreamedBlocks:
         self.on_done: BlockDone | None = None
         self._loaded: set[int] = set()
         self._outside_loaded = False
-        checkpoint.aliases.update(_renamed_on_load(model, checkpoint))
+        # Renames and merges exactly as from_pretrained would do them (refused here, before any
+        # work, if a conversion cannot be planned on shapes alone).
+        self.conversion = ShardConversion.plan(model, checkpoint)
+        checkpoint.aliases.update(self.conversion.aliases)
         self._check()
         map_large_allocations()
 
     # -- what the shards must hold ------------------------------------------------------------
+
+    def _has(self, name: str) -> bool:
+        return name in self.checkpoint or self.conversion.is_converted(name)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape of model parameter ``name`` as the shards give it (after conversion)."""
+        return self.conversion.shape(name, self.checkpoint)
 
     def _groups(self, module: nn.Module, prefix: str) -> list[list[str]]:
         """Parameter names (and persistent buffers the shards hold), tied parameters grouped."""
@@ -231,7 +234,7 @@ class StreamedBlocks:
         for name, param in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
         for name, _ in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=False):
-            if name in self.checkpoint:
+            if self._has(name):
                 groups.setdefault(("buffer", name), []).append(name)
         return list(groups.values())
 
@@ -246,14 +249,14 @@ class StreamedBlocks:
         expected = dict(self.model.named_parameters(remove_duplicate=False))
         missing = []
         for group in self._groups(self.model, ""):
-            present = [n for n in group if n in self.checkpoint]
+            present = [n for n in group if self._has(n)]
             if not present:
                 missing.append(group[0])
                 continue
             for name in present:
-                if name in expected and tuple(expected[name].shape) != self.checkpoint.info(name).shape:
+                if name in expected and tuple(expected[name].shape) != self.shape_of(name):
                     raise ArtifactMismatchError(
-                        f"{self.checkpoint.folder}: {name} has shape {self.checkpoint.info(name).shape} in the shards "
+                        f"{self.checkpoint.folder}: {name} has shape {self.shape_of(name)} in the shards "
                         f"but {tuple(expected[name].shape)} in config.json's model")
         if missing:
             raise ArtifactMismatchError(
@@ -262,12 +265,31 @@ class StreamedBlocks:
 
     # -- loading --------------------------------------------------------------------------------
 
+    def read_parameters(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Model parameters by name from the shards in the walk's dtype (a converted group's read
+        gives all the parameters it makes)."""
+        tensors = self.checkpoint.read([n for n in names if not self.conversion.is_converted(n)], self.dtype, device)
+        for name in names:
+            if name not in tensors:
+                group = self.conversion.group_of[name]
+                tensors.update(self.conversion.read(group, self.checkpoint, self.dtype, device))
+        return tensors
+
+    def block_prefix(self, name: str) -> str | None:
+        """``<blocks path>.<index>.`` of a parameter inside the decoder blocks, else None."""
+        if not name.startswith(f"{self.path}."):
+            return None
+        return f"{self.path}.{name[len(self.path) + 1:].split('.', 1)[0]}."
+
     def _load_groups(self, groups: list[list[str]]) -> None:
-        wanted = [next(n for n in group if n in self.checkpoint) for group in groups]
-        tensors = self.checkpoint.read(wanted, self.dtype, self.device)
+        wanted = [next(n for n in group if self._has(n)) for group in groups]
+        tensors = self.read_parameters(wanted, self.device)
         for group, source in zip(groups, wanted):
+            tensor = tensors[source]
+            if len(group) > 1:  # tied parameters (a buffer's group has its one name)
+                tensor = nn.Parameter(tensor, requires_grad=False)
             for name in group:
-                _set_tensor(self.model, name, tensors[source])
+                _set_tensor(self.model, name, tensor)
 
     def load(self, index: int) -> nn.Module:
         block = self.blocks[index]
@@ -291,13 +313,15 @@ class StreamedBlocks:
     def release_outside(self) -> None:
         if self._outside_loaded:
             for group in self._outside_groups():
+                meta = None  # one per group: tied parameters (lm_head = embeddings) stay tied
                 for name in group:
                     module_name, _, attr = name.rpartition(".")
                     module = self.model.get_submodule(module_name) if module_name else self.model
                     param = module._parameters.get(attr)
                     if param is not None and param.device.type != "meta":
-                        module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                                requires_grad=False)
+                        if meta is None:
+                            meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                        module._parameters[attr] = meta
             self._outside_loaded = False
             return_freed_memory()
 
@@ -312,7 +336,7 @@ class StreamedBlocks:
             self.release(index)
 
     def weights(self, names: list[str]) -> Mapping:
-        return LazyWeights(self.checkpoint, names, self.dtype)
+        return LazyWeights(self, names)
 
 
 def open_streamed(folder: str | Path, dtype: torch.dtype | str | None = None,

@@ -187,17 +187,13 @@ def compute_masks(
 
 def _allocation_weights(model: nn.Module, source, per_block: list[list[Target]], config: PruneConfig):
     """``name -> object with .weight`` for OWL's outlier ratios: the source's own lookup for
-    linear layers (a streamed source reads them from the shards); Conv1D and expert targets
-    through their [out, in] views, which need the weights in memory."""
+    linear layers and for every target of a streamed source (which reads each target's [out, in]
+    view from the shards); Conv1D and expert targets of a loaded model through their views."""
     if config.allocation != "owl":
         return {}
     targets = [t for block in per_block for t in block]
-    if all(t.kind == "linear" for t in targets):
+    if all(t.kind == "linear" for t in targets) or getattr(source, "streamed", False):
         return source.weights([t.name for t in targets])
-    if getattr(source, "streamed", False):
-        raise ConfigError("allocation", "allocation 'owl' over Conv1D or expert targets needs the weights in memory "
-                                        "(runtime.load 'full'); a streamed model reads layers by module name only",
-                          "'uniform' with runtime.load 'stream', or runtime.load 'full'")
     return {t.name: _WeightOnly(t.weight(model)) for t in targets}
 
 

@@ -12,6 +12,10 @@ The pipeline splits the same work over stages: statistics (``collect_statistics`
 streamed source), masks (``prune_model`` or ``masks_from_statistics`` into a ``MaskSpool``,
 SparseGPT's updated weights through ``BlockWeightsWriter``) and the pruned model
 (``apply_masks_to_checkpoint``: masks applied tensor by tensor, no model at all).
+
+Checkpoints that store one tensor per expert (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3) are read
+merged into the model's fused experts parameters and written split back under their own names,
+both by transformers' own conversions (``wanda.conversion``).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from .atomic import atomic_dir, atomic_temp_path
 from .block_source import StreamedBlocks, open_streamed
 from .checkpoint import Checkpoint, SafetensorsStreamWriter, ShardPatcher
 from .config import PruneConfig
+from .conversion import ShardConversion
 from .errors import ArtifactMismatchError
 from .masks import PERMUTATION_PREFIX, MaskDict, mask_shapes, read_mask, save_masks
 from .prune import Progress, prune_model
@@ -133,16 +138,22 @@ def _target_weights(layout: BlockLayout, index: int, block: nn.Module) -> dict[s
 
 
 class ShardBlockWriter:
-    """``on_done`` of a streamed walk: each finished block's target weights into the output shards,
-    cast back to the shards' dtype when the walk ran in another one."""
+    """``on_done`` of a streamed walk: each finished block's target weights into the output shards
+    under the shards' own names (fused expert parameters split back into the per-expert tensors
+    they were merged from), cast back to the shards' dtype when the walk ran in another one."""
 
-    def __init__(self, patcher: ShardPatcher, layout: BlockLayout):
-        self.patcher, self.layout = patcher, layout
+    def __init__(self, patcher: ShardPatcher, layout: BlockLayout, conversion: ShardConversion):
+        self.patcher, self.layout, self.conversion = patcher, layout, conversion
 
     def __call__(self, index: int, block: nn.Module) -> None:
         tensors = _target_weights(self.layout, index, block)
-        source = self.patcher.source
-        self.patcher.write({name: t.to(source.info(name).dtype) for name, t in tensors.items()})
+        prefix = self.layout.block_name(index) + "."
+        for name in list(tensors):  # a converted group is split back whole
+            group = self.conversion.group_of.get(name)
+            for member in group.targets if group is not None else ():
+                if member not in tensors:
+                    tensors[member] = block.get_parameter(member[len(prefix):]).detach()
+        self.patcher.write(self.conversion.to_shards(tensors, self.patcher.source))
 
 
 class BlockWeightsWriter:
@@ -153,7 +164,7 @@ class BlockWeightsWriter:
         self.layout = layout
         # In the order the blocks write them (``_target_weights``).
         names = [name for index, block in enumerate(source.blocks) for name in _target_weights(layout, index, block)]
-        entries = [(name, source.dtype, source.checkpoint.info(name).shape) for name in names]
+        entries = [(name, source.dtype, source.shape_of(name)) for name in names]
         self.writer = SafetensorsStreamWriter(path, entries, metadata)
 
     def __call__(self, index: int, block: nn.Module) -> None:
@@ -200,11 +211,12 @@ def prune_checkpoint(
     """
     config = PruneConfig.model_validate(config)
     source = open_streamed(model_dir, dtype, device)
+    source.conversion.check_writable()
     layout = discover(source.model, config.targets, config.ignore)
     with _work_dir(work_dir) as work, atomic_dir(out_dir) as out:
         spool = MaskSpool(work)
         patcher = ShardPatcher(source.checkpoint, out)
-        source.on_done = ShardBlockWriter(patcher, layout)
+        source.on_done = ShardBlockWriter(patcher, layout, source.conversion)
         prune_model(source.model, calib_ids, config, statistics_out, progress, blocks=source, masks_out=spool,
                     offload_dir=str(work) if offload_activations else None)
         source.on_done = None
@@ -222,12 +234,20 @@ def apply_masks_to_checkpoint(
 ) -> dict:
     """The pruned model from base shards + a masks artifact (+ updated weights), tensor by tensor.
 
-    Every masked tensor is read from the base shards (or from ``weights_path`` when the method
+    Every masked parameter is read from the base shards (or from ``weights_path`` when the method
     updated it), masked exactly as ``wanda.masks.apply_masks`` does, checked, and written in
-    place into a copy of its shard. Nothing is loaded as a model; memory holds one tensor and
-    its mask. ``out_dir`` must not exist yet or is replaced atomically by the caller.
-    Returns ``{"zeros": ..., "total": ...}`` counted on the written target weights.
+    place into a copy of its shard. A fused experts parameter whose checkpoint stores one tensor
+    per expert (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3) is merged from them as transformers loads
+    it and split back into them by transformers' reverse conversion, so the output keeps the
+    checkpoint's own names. Nothing is loaded as a model; memory holds one parameter and its
+    masks (a fused experts parameter about twice over while it is merged or split). ``out_dir``
+    must not exist yet or is replaced atomically by the caller. Returns ``{"zeros": ..., "total": ...}``
+    counted on the written target weights.
     """
+    from .block_source import build_skeleton
+    from .masks import apply_mask
+    from .targets import target_of_name
+
     checkpoint = Checkpoint(model_dir)
     out_dir = Path(out_dir)
     zeros = total = 0
@@ -238,11 +258,11 @@ def apply_masks_to_checkpoint(
         updated_names = set(updated.keys()) if updated is not None else set()
         # Mask keys are target names; which stored tensor each masks, and through which view
         # (Conv1D: the transpose; an expert: one slice of a fused parameter), comes from the
-        # config's model built on the meta device (no weights read).
-        from .block_source import build_skeleton
-        from .targets import target_of_name
-
+        # config's model built on the meta device (no weights read), and which shard tensors
+        # make that parameter from transformers' conversion mapping.
         skeleton = build_skeleton(model_dir, torch.float32)
+        conversion = ShardConversion.plan(skeleton, checkpoint)
+        checkpoint.aliases.update(conversion.aliases)
         targets = {}
         for name in shapes:
             try:
@@ -255,38 +275,46 @@ def apply_masks_to_checkpoint(
         # Every check before the first byte is written.
         for name, shape in shapes.items():
             key = targets[name].numel_key
-            try:
-                info = checkpoint.info(key)
-            except (KeyError, ArtifactMismatchError):
+            if key not in checkpoint and not conversion.is_converted(key):
                 raise ArtifactMismatchError(
-                    f"mask for {name!r}: the shards hold no tensor {key!r} (transformers converts this model's "
-                    "experts when loading; prune it with runtime.load 'full')") from None
+                    f"mask for {name!r}: the shards hold no tensor {key!r} and none that transformers converts "
+                    "into it when loading")
+            stored = conversion.shape(key, checkpoint)
             view_shape = tuple(targets[name].weight(skeleton).shape)
-            if list(info.shape) != list(targets[name].parameter(skeleton).shape) or list(view_shape) != list(shape):
-                raise ArtifactMismatchError(f"mask for {name!r} has shape {tuple(shape)}, weight has {info.shape}")
+            if list(stored) != list(targets[name].parameter(skeleton).shape) or list(view_shape) != list(shape):
+                raise ArtifactMismatchError(f"mask for {name!r} has shape {tuple(shape)}, weight has {stored}")
+        if any(conversion.is_converted(key) for key in by_key):
+            conversion.check_writable()
         unknown = sorted(n for n in updated_names if n not in by_key)
         if unknown:
             raise ArtifactMismatchError(f"updated weights name layers without masks, first {unknown[0]!r}")
-        patcher = ShardPatcher(checkpoint, out_dir)
-        by_file: dict[str, list[str]] = {}
+        # A unit is read, masked and written together: one stored tensor, or a converted group
+        # (all the parameters its shard tensors make), filed under the shard of its first tensor.
+        units: dict[str, list[str]] = {}
         for key in by_key:
-            by_file.setdefault(checkpoint.info(key).file, []).append(key)
+            group = conversion.group_of.get(key)
+            units.setdefault(group.first if group is not None else key, []).append(key)
+        by_file: dict[str, list[str]] = {}
+        for unit in units:
+            group = conversion.groups.get(unit)
+            first = group.shard_keys[0] if group is not None else unit
+            by_file.setdefault(checkpoint.info(first).file, []).append(unit)
+        patcher = ShardPatcher(checkpoint, out_dir)
         for file in checkpoint.files:
-            for key in by_file.get(file, []):
-                if key in updated_names:
-                    stored = updated.get_tensor(key).to(checkpoint.info(key).dtype)
-                else:
-                    stored = checkpoint.read([key])[key]
-                for name in by_key[key]:
-                    # The stored tensor in the place of the skeleton's parameter gives the view.
-                    weight = targets[name].view_of(skeleton, stored)
-                    mask = read_mask(masks, name, shapes[name])
-                    weight.mul_(~mask).add_(0.0)  # exactly apply_masks' arithmetic (+0.0 for pruned weights)
-                    if weight.ne(0).logical_and_(mask).any():
-                        raise RuntimeError(f"{name}: masked weights are not all zero after applying the mask")
-                    zeros += int((weight == 0).sum())
-                    total += weight.numel()
-                patcher.write({key: stored})
+            for unit in by_file.get(file, []):
+                group = conversion.groups.get(unit)
+                params = conversion.read(group, checkpoint) if group is not None else checkpoint.read([unit])
+                for key in units[unit]:
+                    if key in updated_names:
+                        params[key] = updated.get_tensor(key).to(params[key].dtype)
+                    for name in by_key[key]:
+                        # The stored tensor in the place of the skeleton's parameter gives the view.
+                        weight = targets[name].view_of(skeleton, params[key])
+                        apply_mask(weight, read_mask(masks, name, shapes[name]), name)
+                        zeros += int((weight == 0).sum())
+                        total += weight.numel()
+                patcher.write(conversion.to_shards(params, checkpoint))
+                del params
             log.info("shard %s written", file)
         patcher.finish(skip=(RECORD,))
     return {"zeros": zeros, "total": total}
