@@ -1,52 +1,48 @@
 """Stage ``prune``: the pruned model, written as a materialized safetensors folder.
 
 The base weights with the masks applied (and, for weight-updating methods, the updated target
-weights from the masks artifact first). The masks' recorded base model must be the base model
-read here; the result is verified (every masked weight is exactly zero) before it is written.
+weights from the masks artifact first), tensor by tensor in every load mode. The masks'
+recorded base model must be the base model read here; every masked weight is checked to be
+exactly zero before it is written.
 """
 from __future__ import annotations
 
 from wanda.errors import ArtifactMismatchError
 
-from .common import StageContext, StageResult, load_model_dir, stage_entry, streamed
+from .common import StageContext, StageResult, stage_entry
 
 NAME = "prune"
 
 
 def _body(ctx: StageContext) -> StageResult:
-    from wanda.masks import apply_masks, load_masks, sparsity_report
-    from wanda.model_io import DTYPES, save_model
+    """One path for every load mode: the base shards copied, each masked tensor rewritten in
+    place (its updated weights first, for weight-updating methods), checked, then cast to
+    ``prune.dtype``. The same bytes a loaded model masked and saved would give, with one tensor
+    in memory instead of the model."""
+    import json
+
+    from wanda.atomic import write_json
+    from wanda.model_io import fingerprint as weights_fingerprint
+    from wanda.streaming import apply_masks_to_checkpoint, convert_shards
 
     base, masks_artifact = ctx.input("materialize"), ctx.input("masks")
     fingerprint = base.lineage["base_model_fingerprint"]
     _check_masks_base(masks_artifact, fingerprint)
-    if streamed(ctx.params):
-        return _streamed_body(ctx, base, masks_artifact, fingerprint)
-    masks, _ = load_masks(masks_artifact.file("masks.safetensors"))
-    model, tokenizer = load_model_dir(base.file("model"), ctx.params, placed=False)
-    model.to("cpu")
-    if masks_artifact.summary.get("updates_weights"):
-        from safetensors.torch import load_file
+    out = ctx.work / "model"
+    weights = masks_artifact.file("weights.safetensors") if masks_artifact.summary.get("updates_weights") else None
+    counts = apply_masks_to_checkpoint(base.file("model"), out, masks_artifact.file("masks.safetensors"), weights)
+    base_record = json.loads((base.file("model") / "wanda_model.json").read_text())
+    dtype = ctx.params.prune.dtype or base_record["dtype"]
+    if dtype != base_record["dtype"]:
+        from wanda.model_io import DTYPES
 
-        updated = load_file(str(masks_artifact.file("weights.safetensors")))
-        missing = model.load_state_dict(updated, strict=False)
-        if missing.unexpected_keys:
-            raise ArtifactMismatchError(f"updated weights name layers the model lacks: {missing.unexpected_keys[:3]}")
-    apply_masks(model, masks, verify=True)
-    if ctx.params.prune.dtype:
-        model.to(DTYPES[ctx.params.prune.dtype])
-    from wanda.targets import target_of_name
-
-    weights = [target_of_name(model, name).weight(model) for name in masks]  # linear, Conv1D, experts
-    zeros = sum(int((weight == 0).sum()) for weight in weights)
-    total = sum(weight.numel() for weight in weights)
-    record = save_model(model, tokenizer, ctx.work / "model", extra={
-        "source": base.summary.get("source", ""),
-        "base_model_fingerprint": fingerprint,
-        "masks_digest": masks_artifact.lineage.get("masks_digest", ""),
-        "pruned": True,
-    })
-    return _result(masks_artifact, record.fingerprint, record.dtype, sparsity_report(masks)["overall"], zeros, total)
+        convert_shards(out, DTYPES[dtype])
+    info = {"fingerprint": weights_fingerprint(out), "model_type": base_record["model_type"], "dtype": dtype,
+            "source": base.summary.get("source", ""), "base_model_fingerprint": fingerprint,
+            "masks_digest": masks_artifact.lineage.get("masks_digest", ""), "pruned": True}
+    write_json(out / "wanda_model.json", info)
+    return _result(masks_artifact, info["fingerprint"], dtype, masks_artifact.summary.get("overall_sparsity"),
+                   counts["zeros"], counts["total"])
 
 
 def _check_masks_base(masks_artifact, fingerprint: str) -> None:
@@ -71,31 +67,6 @@ def _result(masks_artifact, fingerprint: str, dtype: str, mask_sparsity, zeros: 
         "zero_fraction": round(zeros / total, 6) if total else 0.0,
     }
     return StageResult(summary=summary, lineage={"pruned_model_fingerprint": fingerprint})
-
-
-def _streamed_body(ctx: StageContext, base, masks_artifact, fingerprint: str) -> StageResult:
-    """The same pruned model, tensor by tensor: base shards copied, masked tensors rewritten in place."""
-    import json
-
-    from wanda.atomic import write_json
-    from wanda.model_io import fingerprint as weights_fingerprint
-    from wanda.streaming import apply_masks_to_checkpoint, convert_shards
-
-    out = ctx.work / "model"
-    weights = masks_artifact.file("weights.safetensors") if masks_artifact.summary.get("updates_weights") else None
-    counts = apply_masks_to_checkpoint(base.file("model"), out, masks_artifact.file("masks.safetensors"), weights)
-    base_record = json.loads((base.file("model") / "wanda_model.json").read_text())
-    dtype = ctx.params.prune.dtype or base_record["dtype"]
-    if dtype != base_record["dtype"]:
-        from wanda.model_io import DTYPES
-
-        convert_shards(out, DTYPES[dtype])
-    info = {"fingerprint": weights_fingerprint(out), "model_type": base_record["model_type"], "dtype": dtype,
-            "source": base.summary.get("source", ""), "base_model_fingerprint": fingerprint,
-            "masks_digest": masks_artifact.lineage.get("masks_digest", ""), "pruned": True}
-    write_json(out / "wanda_model.json", info)
-    return _result(masks_artifact, info["fingerprint"], dtype, masks_artifact.summary.get("overall_sparsity"),
-                   counts["zeros"], counts["total"])
 
 
 run, main = stage_entry(NAME, _body)
