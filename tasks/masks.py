@@ -98,27 +98,43 @@ class _Streamed:
     written block by block as the source hands each block back."""
 
     def __init__(self, ctx: StageContext, config, lineage: dict, scratch):
+        from wanda.accounting import StreamedCounts
         from wanda.architecture import discover
         from wanda.streaming import BlockWeightsWriter, MaskSpool
 
         self.blocks = open_streamed_dir(ctx.input("materialize").file("model"), ctx.params)
         self.model, self.writer = self.blocks.model, None
+        # Every pruned block's weights are counted as the walk hands it back: the block-wide and
+        # whole-model figures of the loaded mode, without the pruned model in memory.
+        self.counts = StreamedCounts(self.blocks.path)
         if config.updates_weights:
             layout = discover(self.model, config.targets, config.ignore)
             self.writer = BlockWeightsWriter(ctx.work / WEIGHTS, self.blocks, layout,
                                              {"base_model_fingerprint": lineage["base_model_fingerprint"]})
-            self.blocks.on_done = self.writer
+        self.blocks.on_done = self._block_done
         self.masks = MaskSpool(scratch)
+
+    def _block_done(self, index: int, block) -> None:
+        if self.writer is not None:
+            self.writer(index, block)
+        self.counts(index, block)
 
     def finish(self, ctx: StageContext, config, lineage: dict) -> dict:
         if self.writer is not None:
             self.writer.close()
         self.masks.save(ctx.work / MASKS, metadata=_metadata(config, lineage))
-        # The skeleton holds no weights here, so block-wide zeros cannot be counted; the gate
-        # reports min_coverage and block-wide min_sparsity as "not checked" for this candidate.
-        log.warning("runtime.load 'stream': the sparsity report covers the masked layers only (no block-wide or "
-                    "whole-model figures)")
-        return self.masks.report()
+        import math
+
+        self.blocks.load_outside()
+        try:
+            self.counts.add_outside(self.model)
+        finally:
+            self.blocks.release_outside()
+        if len(self.counts.blocks_seen) != len(self.blocks.blocks):
+            raise RuntimeError(f"whole-model accounting saw {len(self.counts.blocks_seen)} of "
+                               f"{len(self.blocks.blocks)} blocks")
+        accounting = self.counts.accounting({name: math.prod(shape) for name, shape in self.masks.shapes.items()})
+        return {**self.masks.report(), **accounting.report_fields()}
 
     def close(self) -> None:
         self.masks.close()

@@ -9,6 +9,8 @@ and the streamed pruned folder, reloaded, equals the loaded pruned model, bit fo
 """
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -224,7 +226,7 @@ def test_stream_stages_on_a_converted_moe_equal_full(method, tmp_path, monkeypat
     rng = random.Random(0)
     (fixtures / "calib.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(3000)))
     (fixtures / "eval.txt").write_text(" ".join(f"w{rng.randrange(124)}" for _ in range(2000)))
-    results = {}
+    results, reports = {}, {}
     for load in ("full", "stream"):
         root = tmp_path / load
         root.mkdir()
@@ -237,7 +239,12 @@ def test_stream_stages_on_a_converted_moe_equal_full(method, tmp_path, monkeypat
         assert (root / params.paths.masks / "weights.safetensors").is_file() == (method == "sparsegpt")
         results[load] = (wanda.load_masks(root / params.paths.masks / "masks.safetensors")[0],
                          root / params.paths.prune / "model")
+        reports[load] = (root / params.paths.masks / "sparsity.json").read_bytes()
     (full_masks, full_dir), (stream_masks, stream_dir) = results["full"], results["stream"]
+    # Block-wide and whole-model figures in both modes, counted the same (streamed: block by block).
+    assert reports["stream"] == reports["full"]
+    report = json.loads(reports["full"])
+    assert report["coverage"] > 0.9 and report["block_zeros"] > 0 and report["model_total"] > report["block_total"]
     assert full_masks.keys() == stream_masks.keys() and any(n.endswith("]") for n in full_masks)
     assert all(torch.equal(full_masks[n], stream_masks[n]) for n in full_masks)
     from transformers import AutoModelForCausalLM

@@ -148,16 +148,28 @@ def whole_model_accounting(source, targets: Iterable[Target] | Mapping[str, obje
     shapes alone (zeros read 0), cheap enough to run before any heavy work."""
     targets = targets if isinstance(targets, Mapping) else list(targets)
     path = blocks_path or _blocks_path(source, list(targets.keys()) if isinstance(targets, Mapping) else targets)
+    counts: dict[str, tuple[tuple[int, ...], int]] = {}
+    for name, tensor, shape in _named_tensors(source, read=count_zeros):
+        if _is_weight(name, shape):
+            counts[name] = (shape, _zeros(tensor) if count_zeros and tensor is not None else 0)
+    return _summarize(path, counts, targets, layout_may_differ=isinstance(targets, Mapping)
+                      and not isinstance(source, nn.Module))
+
+
+def _zeros(tensor: torch.Tensor) -> int:
+    return int(tensor.numel() - torch.count_nonzero(tensor).item())
+
+
+def _summarize(path: str, counts: Mapping[str, tuple[tuple[int, ...], int]], targets,
+               layout_may_differ: bool) -> Accounting:
+    """``counts``: ``name -> (shape, zeros)`` of every >=2-D weight of the model."""
     block_prefix = re.compile(rf"^{re.escape(path)}\.\d+\.")
     entries = []
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, tensor, shape in _named_tensors(source, read=count_zeros):
-        if not _is_weight(name, shape):
-            continue
+    for name, (shape, zeros) in counts.items():
         numel = 1
         for dim in shape:
             numel *= dim
-        zeros = int(numel - torch.count_nonzero(tensor).item()) if count_zeros and tensor is not None else 0
         shapes[name] = shape
         entries.append((name, numel, zeros, bool(block_prefix.match(name))))
     untargeted: dict[str, int] = {}
@@ -167,7 +179,7 @@ def whole_model_accounting(source, targets: Iterable[Target] | Mapping[str, obje
         # save_pretrained writes MoE experts back in the checkpoint's own layout (Mixtral:
         # ``experts.0.w1.weight`` ...), so fused target names do not name stored tensors. Element
         # counts do not depend on the layout: masks still give the targeted total.
-        if not isinstance(targets, Mapping) or isinstance(source, nn.Module):
+        if not layout_may_differ:
             raise
         target_total = sum(v if isinstance(v, int) else int(v.numel()) for v in targets.values())
     else:
@@ -187,6 +199,38 @@ def whole_model_accounting(source, targets: Iterable[Target] | Mapping[str, obje
         model_zeros=sum(z for _, _, z, _ in entries), model_total=sum(n for _, n, _, _ in entries),
         untargeted=untargeted,
     )
+
+
+class StreamedCounts:
+    """Whole-model accounting of a model walked one block at a time (a streamed source), where
+    the pruned model is never in memory at once: each block's weights are counted as the walk
+    hands the block back (``on_done``, after its targets were pruned), the layers outside the
+    blocks once at the end. Names are the model's own (fused experts included), so the figures
+    equal :func:`whole_model_accounting` of the loaded, pruned model."""
+
+    def __init__(self, blocks_path: str):
+        self.blocks_path = blocks_path
+        self.counts: dict[str, tuple[tuple[int, ...], int]] = {}
+        self.blocks_seen: set[int] = set()
+
+    def __call__(self, index: int, block: nn.Module) -> None:
+        self.blocks_seen.add(index)
+        for name, param in block.named_parameters():
+            if _is_weight(name, param.shape):
+                self.counts[f"{self.blocks_path}.{index}.{name}"] = (tuple(param.shape), _zeros(param.detach()))
+
+    def add_outside(self, model: nn.Module) -> None:
+        """The layers outside the blocks, loaded (embeddings, ``lm_head``; tied ones once)."""
+        block_prefix = re.compile(rf"^{re.escape(self.blocks_path)}\.\d+\.")
+        for name, param in model.named_parameters():
+            if block_prefix.match(name) or not _is_weight(name, param.shape):
+                continue
+            if param.device.type == "meta":
+                raise ValueError(f"{name}: not loaded; load the layers outside the blocks before counting them")
+            self.counts[name] = (tuple(param.shape), _zeros(param.detach()))
+
+    def accounting(self, targets: Mapping[str, object]) -> Accounting:
+        return _summarize(self.blocks_path, self.counts, targets, layout_may_differ=False)
 
 
 def target_sizes_of_layout(model: nn.Module, layout) -> dict[str, int]:
