@@ -81,7 +81,13 @@ class RayHead:
         self.address = f"ray://127.0.0.1:{self.client_port}"
         self.logs = logs / f"ray-{self.client_port}"
         self.logs.mkdir(parents=True)
-        gcs_port, worker_base = free_port(), 30000 + self.client_port % 20000
+        gcs_port = free_port()
+        # Worker ports: 201 fixed ports that must not hold the GCS or client port (Ray refuses to
+        # start then). free_port() hands out the kernel's ephemeral ports (32768 and up on Linux),
+        # so a range below it, moved off either port should the range be configured otherwise.
+        worker_base = 20000 + (self.client_port % 50) * 240
+        while any(worker_base <= port <= worker_base + 200 for port in (gcs_port, self.client_port)):
+            worker_base = (worker_base + 240 - 1024) % 30000 + 1024
         # Ray's socket paths must stay under 107 bytes: a short folder, not the test's own.
         self.temp = Path(tempfile.mkdtemp(prefix="wray-"))
         argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
