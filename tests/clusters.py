@@ -76,33 +76,46 @@ class RayHead:
     """``ray start --head --block`` on loopback: the one process started here; SIGTERM to it
     stops every Ray process it started (GCS, raylet, workers)."""
 
+    ATTEMPTS = 3
+
     def __init__(self, logs: Path, env: dict[str, str], cpus: int = 2):
+        # A port chosen free can be taken before Ray binds it (Ray then exits at once): a fresh
+        # set of ports, a bounded number of times.
+        for attempt in range(1, self.ATTEMPTS + 1):
+            self._start(logs, env, cpus)
+            try:
+                self._wait()
+                return
+            except RuntimeError:
+                exited = self.proc.poll() is not None  # exited by itself, not timed out
+                self.stop()
+                if attempt == self.ATTEMPTS or not exited:
+                    raise
+
+    def _start(self, logs: Path, env: dict[str, str], cpus: int) -> None:
         self.client_port = free_port()
         self.address = f"ray://127.0.0.1:{self.client_port}"
         self.logs = logs / f"ray-{self.client_port}"
-        self.logs.mkdir(parents=True)
-        gcs_port = free_port()
-        # Worker ports: 201 fixed ports that must not hold the GCS or client port (Ray refuses to
-        # start then). free_port() hands out the kernel's ephemeral ports (32768 and up on Linux),
-        # so a range below it, moved off either port should the range be configured otherwise.
+        self.logs.mkdir(parents=True, exist_ok=True)
+        gcs_port, agent_port = free_port(), free_port()
+        # Worker ports: 201 fixed ports that must not hold another component's port (Ray refuses
+        # to start then). free_port() hands out the kernel's ephemeral ports (32768 and up on
+        # Linux), so a range below it, moved off those ports should the range be configured otherwise.
+        taken = (gcs_port, self.client_port, agent_port)
         worker_base = 20000 + (self.client_port % 50) * 240
-        while any(worker_base <= port <= worker_base + 200 for port in (gcs_port, self.client_port)):
+        while any(worker_base <= port <= worker_base + 200 for port in taken):
             worker_base = (worker_base + 240 - 1024) % 30000 + 1024
         # Ray's socket paths must stay under 107 bytes: a short folder, not the test's own.
         self.temp = Path(tempfile.mkdtemp(prefix="wray-"))
         argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                 "--port", str(gcs_port), "--ray-client-server-port", str(self.client_port),
+                "--dashboard-agent-listen-port", str(agent_port),
                 "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 200),
                 "--num-cpus", str(cpus), "--include-dashboard", "false", "--disable-usage-stats",
                 "--temp-dir", str(self.temp)]
         with open(self.logs / "head.log", "w") as out:
             self.proc = subprocess.Popen(argv, cwd=self.logs, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
                                          stdout=out, stderr=subprocess.STDOUT)
-        try:
-            self._wait()
-        except BaseException:
-            self.stop()
-            raise
 
     def _wait(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
