@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wanda
+from tests.tiny import shard_tensors
 from tests.tiny_moe import tiny_moe_model
 from wanda.block_source import open_streamed
 from wanda.checkpoint import INDEX
@@ -36,11 +37,6 @@ def _base(family: str, folder: Path) -> Path:
     return folder
 
 
-def _shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
 
 
 def _assert_loads_as(folder: Path, model) -> None:
@@ -105,7 +101,7 @@ def test_streamed_prune_equals_loaded(family, config, tmp_path):
 
     counts = apply_masks_to_checkpoint(base, tmp_path / "applied", tmp_path / "m.safetensors")
     _assert_loads_as(tmp_path / "applied", loaded)
-    assert _shard_tensors(tmp_path / "applied").keys() == _shard_tensors(base).keys()
+    assert shard_tensors(tmp_path / "applied").keys() == shard_tensors(base).keys()
     assert counts["zeros"] >= sum(int(m.sum()) for m in expected.values())
 
 
@@ -146,7 +142,7 @@ def test_streamed_apply_of_renamed_experts_equals_loaded(tmp_path):
     masks = wanda.prune_model(loaded, TOKENS, wanda.PruneConfig(batch_size=2))
     wanda.save_masks(tmp_path / "m.safetensors", masks, metadata=masks.metadata)
     apply_masks_to_checkpoint(base, tmp_path / "out", tmp_path / "m.safetensors")
-    assert any(".input_linear." in k for k in _shard_tensors(tmp_path / "out"))
+    assert any(".input_linear." in k for k in shard_tensors(tmp_path / "out"))
     _assert_loads_as(tmp_path / "out", loaded)
 
 

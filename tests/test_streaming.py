@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wanda
-from tests.tiny import tiny_config, tiny_model, tiny_tokenizer
+from tests.tiny import shard_tensors, tiny_config, tiny_model, tiny_tokenizer
 from wanda.block_source import open_streamed
 from wanda.checkpoint import INDEX, Checkpoint, SafetensorsStreamWriter
 from wanda.data import TextSource
@@ -57,11 +57,6 @@ def sharded(tmp_path_factory) -> Path:
     return folder
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
 
 
 CONFIGS = {
@@ -97,7 +92,7 @@ def test_streamed_pruning_equals_loaded(sharded, tmp_path, name, offload):
         assert torch.equal(masks.permutations[layer], perm)
     assert masks.metadata == expected.metadata  # OWL allocation, SparseGPT fallbacks
     assert report["overall"] == wanda.sparsity_report(expected)["overall"]
-    written, state = _weights(tmp_path / "out"), loaded.state_dict()
+    written, state = shard_tensors(tmp_path / "out"), loaded.state_dict()
     assert written.keys() == state.keys()
     for key, tensor in state.items():
         assert torch.equal(written[key], tensor), key
@@ -157,7 +152,7 @@ def test_apply_masks_to_checkpoint_equals_apply_masks(sharded, tmp_path):
     save_file({f"{n}.weight": modules[n].weight.detach().contiguous() for n in masks}, str(tmp_path / "w.safetensors"))
     counts = apply_masks_to_checkpoint(sharded, tmp_path / "out", tmp_path / "masks.safetensors",
                                        tmp_path / "w.safetensors")
-    written = _weights(tmp_path / "out")
+    written = shard_tensors(tmp_path / "out")
     for key, tensor in pruned.state_dict().items():
         assert torch.equal(written[key], tensor), key
     assert counts["zeros"] >= sum(int(m.sum()) for m in masks.values())
@@ -167,7 +162,7 @@ def test_apply_masks_to_checkpoint_equals_apply_masks(sharded, tmp_path):
     apply_masks_to_checkpoint(sharded, tmp_path / "out2", tmp_path / "wanda.safetensors")
     reference = _model()
     apply_masks(reference, wanda_masks)
-    written = _weights(tmp_path / "out2")
+    written = shard_tensors(tmp_path / "out2")
     assert all(torch.equal(written[k], t) for k, t in reference.state_dict().items())
     # Unpruned shards are byte-identical copies.
     names = {p.name for p in sharded.glob("*.safetensors")}
@@ -321,7 +316,7 @@ def test_embedded_model_streams_like_loaded(embedded_model_dir, tmp_path):
                      offload_activations=True, work_dir=tmp_path / "work")
     masks, _ = wanda.load_masks(tmp_path / "m.safetensors")
     assert all(torch.equal(masks[n], expected[n]) for n in expected)
-    written = _weights(tmp_path / "out")
+    written = shard_tensors(tmp_path / "out")
     state = model.state_dict()
     assert all(torch.equal(written[k], state[k]) for k in written)
 

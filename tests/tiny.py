@@ -64,3 +64,15 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+def shard_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model folder, all shards."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
