@@ -217,10 +217,9 @@ def write_placement(root: Path, plan: SweepPlan, placement: list[dict[str, Any]]
     ran = {p["point"] for p in placement}
     rows = placement + [{"point": p.name, "worker": "cached", "host": "", "wall_s": 0.0}
                         for p in plan.points if p.name not in ran]
-    folder = root / plan.report_folder.rsplit("/", 1)[0]
+    folder = root / plan.artifact_folder
     write_json(folder / "placement.json", {"sweep": plan.name, "points": rows})
-    (folder / "placement.md").write_text(f"# Sweep {plan.name}: where the points ran\n" +
-                                         placement_table(rows).removeprefix("\n## Where the points ran\n"))
+    (folder / "placement.md").write_text(f"# Sweep {plan.name}: where the points ran\n\n{_placement_rows(rows)}")
     return folder / "placement.md"
 
 
@@ -228,6 +227,10 @@ def placement_table(placement: list[dict[str, Any]]) -> str:
     """Where each point ran and how long it took (worker wall time, workspace set-up included)."""
     if not placement:
         return ""
-    lines = ["", "## Where the points ran", "", "| point | worker | host | wall s |", "|---|---|---|---:|"]
+    return f"\n## Where the points ran\n\n{_placement_rows(placement)}"
+
+
+def _placement_rows(placement: list[dict[str, Any]]) -> str:
+    lines = ["| point | worker | host | wall s |", "|---|---|---|---:|"]
     lines += [f"| {p['point']} | {p['worker']} | {p['host']} | {p['wall_s']:.1f} |" for p in placement]
     return "\n".join(lines) + "\n"

@@ -59,8 +59,12 @@ class SweepPlan:
         return f"{self.folder}/dvc.yaml"
 
     @property
+    def artifact_folder(self) -> str:
+        return f"{ARTIFACT_ROOT}/{self.name}"
+
+    @property
     def report_folder(self) -> str:
-        return f"{ARTIFACT_ROOT}/{self.name}/report"
+        return f"{self.artifact_folder}/report"
 
     def address(self, point: Point, stage: str) -> str:
         return f"{self.dvc_file}:{point.name}-{stage}"
