@@ -198,6 +198,9 @@ def check_cluster(settings: SweepSettings) -> list[str]:
         try:
             with Client(settings.address, timeout="20s") as client:
                 workers = client.scheduler_info(n_workers=-1)["workers"].values()
+                # Workers import the point code now, while this process plans the sweep, instead
+                # of inside their first point (seconds of imports there, the event loop blocked).
+                client.run(import_point_code, wait=False)
         except (OSError, TimeoutError) as exc:
             raise RuntimeError(f"sweep.runner {settings.runner}: no Dask scheduler answers at {settings.address} "
                                f"({exc}); start one: dask scheduler --host HOST --port PORT") from None
@@ -230,6 +233,16 @@ def _dask_needs(resources: Resources) -> list[tuple[str, float]]:
 
 
 # ----------------------------------------------------------------------------- on the worker
+
+
+async def import_point_code() -> None:
+    """What a worker needs to run a point (Prefect's task engine, the point task), imported
+    ahead of the first point, on a thread: the worker's event loop stays free. (A coroutine,
+    since Dask runs only those without the caller waiting.)"""
+    import asyncio
+    import importlib
+
+    await asyncio.to_thread(importlib.import_module, "flows.points")
 
 
 def worker_name() -> str:

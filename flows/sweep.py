@@ -7,8 +7,9 @@
    workspace (run cache and all). Otherwise every point is one Prefect task on the chosen task
    runner (``sweep.runner``: threads here, a Dask scheduler, a Ray cluster; :mod:`flows.runners`)
    and runs in its own workspace over the shared DVC cache (:mod:`flows.workspace`), so no point
-   waits for another's DVC lock; one ``dvc repro`` in the main workspace then restores them from
-   the run cache, leaving ``dvc.lock`` as a local run would.
+   waits for another's DVC lock; as points finish, ``dvc repro`` in the main workspace restores
+   their stages from the run cache (in plan order, while later points still run), leaving
+   ``dvc.lock`` as a local run would.
 3. The report stage writes the comparison table and the perplexity-vs-sparsity plot; the flow
    adds where each point ran and how long it took.
 """
@@ -88,11 +89,26 @@ def sweep(axes: list[str], name: str = "sweep", params_file: str | None = None, 
     workers = workers or default_workers()
     with runners.connected(settings):
         if settings.kind != "local":  # before any work: a cluster that cannot take a point fails now
+            _warn_without_api(settings)
             log.info("runner %s: workers able to take a point: %s", settings.runner,
                      ", ".join(runners.check_cluster(settings)))
         flow_run = sweep_flow.with_options(task_runner=runners.task_runner(settings, workers))
         return flow_run(axes=axes, name=name, params_file=params_file, overrides=overrides, repo=repo,
                         workers=workers, run_cache=run_cache, runner=settings.runner)
+
+
+def _warn_without_api(settings: runners.SweepSettings) -> None:
+    """Workers report a point's task run to the Prefect API they are configured with. With none
+    here, this flow runs on a temporary server no worker can reach, so each worker would start a
+    temporary one of its own for its first point (tens of seconds each) and the points' task
+    runs and logs would be lost with it."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        log.warning("sweep.runner %s: PREFECT_API_URL is not set, so this sweep runs on a temporary Prefect "
+                    "server the workers cannot reach: each worker starts its own for its first point and the "
+                    "points' task runs and logs end there. Run a Prefect server and set PREFECT_API_URL here and "
+                    "on every worker (docs/operations.md)", settings.runner)
 
 
 @flow(name="sweep", log_prints=False)
@@ -112,12 +128,13 @@ def sweep_flow(axes: list[str], name: str = "sweep", params_file: str | None = N
                 ", ".join(p.name for p in plan.points), ", ".join(plan.shared_stages()))
 
     shared = [p for p in main_plans(base, root) if p.stage in plan.shared_stages()]
-    outcomes = run_sequential(shared, root, run_cache)
+    stale = set(dvc.status(root))  # every dvc.yaml of the repository: the sweep's too
+    outcomes = run_sequential(shared, root, run_cache, stale=stale)
     worked = {o.address for o in outcomes if o.did_work}
 
     points = point_plans(plan)
-    # Asked after the shared stages ran, so points whose shared inputs changed show as stale.
-    stale = set(dvc.status(root, [plan.dvc_file]))
+    if worked:  # asked again: points whose shared inputs just changed must show as stale
+        stale = set(dvc.status(root, [plan.dvc_file]))
     placement: list[dict[str, Any]] = []
     if distributed:
         point_outcomes, placement = _run_points(plan, points, root, stale, settings, workers, run_cache, logger)
@@ -151,7 +168,7 @@ def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set
                 settings: runners.SweepSettings, workers: int, run_cache: bool,
                 logger) -> tuple[list[StageOutcome], list[dict[str, Any]]]:
     """Every point with a stale stage as one task on the task runner, each in its own workspace;
-    then one ``dvc repro`` here restores their stages from the run cache."""
+    finished points are adopted into this workspace while the others still run (:class:`_Adoption`)."""
     index = {s.address: s for s in points}
     by_point = {p.name: [index[plan.address(p, stage)] for stage in p.stages] for p in plan.points}
     todo = {name: stages for name, stages in by_point.items() if any(s.address in stale for s in stages)}
@@ -171,15 +188,15 @@ def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set
             with runners.placement(settings):
                 futures.append(task.submit(job))
         progress = Progress(plan.name, len(futures), logger)
+        adoption = _Adoption(root, list(todo), _Sink(logger))
         try:
             for future in as_completed(futures):
                 result = future.result()  # a point that failed after its retries fails the sweep
                 done[result["point"]] = result
                 progress.finished(result)
+                adoption.finished(result)
         finally:
             progress.close()
-        ran = [o["address"] for r in done.values() for o in r["outcomes"] if o["action"] in ("ran", "restored")]
-        adopt(root, ran, sink=_Sink(logger))
     outcomes = []
     for name, stages in by_point.items():
         if name in done:
@@ -190,6 +207,35 @@ def _run_points(plan: SweepPlan, points: list[StagePlan], root: Path, stale: set
     placement = [{"point": r["point"], "worker": r["worker"], "host": r["host"], "wall_s": r["seconds"]}
                  for r in (done[name] for name in by_point if name in done)]
     return outcomes, placement
+
+
+class _Adoption:
+    """Finished points into the main workspace (:func:`flows.workspace.adopt`), in plan order.
+
+    A point is adopted as soon as it and every point before it in the plan have finished, while
+    later points still run in their own workspaces (they never touch this one's DVC lock): the
+    sweep's tail is then one point's adoption, not all of them. Plan order, not finishing order,
+    because ``dvc.lock`` lists new stages in the order they were reproduced: its bytes must not
+    depend on which worker was faster, and equal a local sweep's (which runs the points in turn).
+    A point that fails the sweep stops adoption there; the points after it that finished are in
+    DVC's run cache, so the next run restores them instead of computing them again."""
+
+    def __init__(self, root: Path, order: list[str], sink):
+        self.root, self.order, self.sink = root, order, sink
+        self.results: dict[str, dict[str, Any]] = {}
+        self.next = 0
+
+    def finished(self, result: dict[str, Any]) -> None:
+        self.results[result["point"]] = result
+        ready = []
+        while self.next < len(self.order) and self.order[self.next] in self.results:
+            ready.append(self.results[self.order[self.next]])
+            self.next += 1
+        self._adopt(ready)
+
+    def _adopt(self, results: list[dict[str, Any]]) -> None:
+        ran = [o["address"] for r in results for o in r["outcomes"] if o["action"] in ("ran", "restored")]
+        adopt(self.root, ran, sink=self.sink)
 
 
 def local_placement(plan: SweepPlan, outcomes: list[StageOutcome]) -> list[dict[str, Any]]:

@@ -126,7 +126,16 @@ def test_dask_sweep_equals_local_sweep_on_two_workers(api_url, local_sweep, tmp_
     points = [o for o in result["outcomes"] if ":" in o["address"] and not o["address"].endswith(":report")]
     assert {o["action"] for o in points} == {"ran"} and {o["worker"] for o in points} == {"w1", "w2"}
     assert status(root) == {}  # the points landed in the main dvc.lock
+    # ... in plan order, as a local sweep lists them, whichever worker finished first
+    assert _lock_stages(root, "s") == _lock_stages(local_root, "s") == \
+        [f"{p}-{s}" for p in POINTS for s in ("masks", "prune", "evaluate")] + ["report"]
     assert list((tmp_path / "ws").iterdir()) == []  # every workspace removed
+
+
+def _lock_stages(root: Path, name: str) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load((root / "sweeps" / name / "dvc.lock").read_text())["stages"])
 
 
 def test_ray_sweep_equals_local_sweep(api_url, local_sweep, tmp_path):
