@@ -35,8 +35,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/wanda-pipeline run --release $(ARGS)
 
+# Test files spread over TEST_WORKERS pytest-xdist processes, each file whole on one of them (its
+# module fixtures, e.g. a Dask cluster or the digests' prunings, are built once). Most tests wait
+# on subprocesses that use one core; two at once keep both cores of the CI machine busy.
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not integration"
