@@ -1,16 +1,27 @@
 """Digests of the embedded model's pruning results, to prove a refactor changes none of them.
 
-``python -m tests.make_digests`` writes ``tests/digests_reference.json``; ``tests/test_digests.py``
-recomputes every case and compares. Per case: sha256 of the masks (tensor bytes in sorted layer
-order; the safetensors file is not used because its metadata order is not part of the result),
-sha256 of the pruned target weights (same order) and the perplexity as its exact float repr.
-Small settings keep it fast: 4 x 128 calibration tokens of the default calibration source
-(seed 0), two evaluation windows of 128 tokens.
+``tests/test_digests.py`` recomputes every case and compares with ``tests/digests_reference.json``.
+Per case: sha256 of the masks (tensor bytes in sorted layer order; the safetensors file is not
+used because its metadata order is not part of the result), sha256 of the pruned target weights
+(same order) and the perplexity as its exact float repr. Small settings keep it fast: 4 x 128
+calibration tokens of the default calibration source (seed 0), two evaluation windows of 128
+tokens, torch on :data:`DIGEST_THREADS` threads.
+
+Float rounding depends on the CPU (MKL and ATen pick kernels by vendor and instruction set) and
+on the thread count, so the reference holds one set of digests per machine kind
+(:func:`machine_key`), each computed by the code *before* the core redesign
+(:data:`REFERENCE_COMMIT`), never by the code under test. On a new kind of machine, record its
+set once (minutes; a git checkout of that commit in a temporary worktree computes it):
+
+    .venv/bin/python -m tests.make_digests [MODEL_DIR]
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +29,8 @@ from pathlib import Path
 import torch
 
 REFERENCE = Path(__file__).with_name("digests_reference.json")
+# The last commit before the core redesign: every machine's reference digests come from its code.
+REFERENCE_COMMIT = "aed2ef492541ae6a3a963849dd865da51a564621"
 
 # name -> (PruneConfig fields, streamed through prune_checkpoint)
 CASES: dict[str, tuple[dict, bool]] = {
@@ -62,10 +75,35 @@ def _perplexity(model, tokenizer) -> float:
     return evaluate_perplexity(model, tokenizer, PerplexityConfig(seqlen=EVAL_SEQLEN, max_windows=EVAL_WINDOWS)).perplexity
 
 
-# The references were recorded with torch on 2 threads, and the sequential cases' forward passes
-# round differently on another thread count (on 1 thread 5 of 6 cases tried changed): pinned,
-# so a machine with more cores checks, and records, the same bits.
+# The sequential cases' forward passes round differently on another thread count (on 1 thread 5
+# of 6 cases tried changed): pinned, so a machine with more cores checks, and records, the bits
+# of a 2-core one.
 DIGEST_THREADS = 2
+
+
+def _cpu_field(name: str) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def machine_key() -> str:
+    """What decides the digests' rounding besides the code: CPU vendor, family and model, the
+    instruction set torch dispatches to, torch's version, the thread count."""
+    return (f"{platform.machine()} {_cpu_field('vendor_id')} family {_cpu_field('cpu family')} model "
+            f"{_cpu_field('model')}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}; "
+            f"{DIGEST_THREADS} threads")
+
+
+def reference_for_this_machine() -> dict[str, dict] | None:
+    """This machine kind's reference digests, or None when none were recorded for it."""
+    entry = json.loads(REFERENCE.read_text())["machines"].get(machine_key())
+    return entry["cases"] if entry else None
 
 
 def compute_digests(model_dir: str | Path, cases: list[str] | None = None) -> dict[str, dict]:
@@ -116,18 +154,45 @@ def _compute_digests(model_dir: str | Path, cases: list[str] | None) -> dict[str
     return results
 
 
+def digests_at_commit(commit: str, model_dir: Path) -> dict[str, dict]:
+    """Every case's digests as the code of ``commit`` computes them on this machine: its own
+    ``tests/make_digests.py`` in a temporary git worktree, in a child process whose imports
+    resolve to that worktree (this checkout's code never runs)."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="wanda-digests-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), commit], cwd=root, check=True)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(DIGEST_THREADS)}
+            probe = subprocess.run([sys.executable, "-c", "import wanda; print(wanda.__file__)"], cwd=tree, env=env,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            if not Path(probe).resolve().is_relative_to(tree.resolve()):
+                raise RuntimeError(f"the worktree of {commit} imports wanda from {probe}, not from itself")
+            out = subprocess.run([sys.executable, "-m", "tests.make_digests", str(model_dir)], cwd=tree, env=env,
+                                 stdout=subprocess.PIPE, text=True, check=True).stdout
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, check=False)
+    return json.loads(out[out.index("{"):])
+
+
 def main() -> None:
-    """``python -m tests.make_digests [MODEL_DIR]``: an already materialized embedded model, or a
-    fresh one in a temporary folder."""
+    """``python -m tests.make_digests [MODEL_DIR]``: this machine kind's reference digests,
+    computed by :data:`REFERENCE_COMMIT`'s code from an already materialized embedded model, or
+    a fresh one in a temporary folder, added to the reference file (other machines' kept)."""
+    import logging
+
     from wanda.model_io import EMBEDDED_DEFAULT, materialize
 
-    if len(sys.argv) > 1:
-        results = compute_digests(sys.argv[1])
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            results = compute_digests(materialize(EMBEDDED_DEFAULT, Path(tmp) / "model").path)
-    REFERENCE.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    json.dump(results, sys.stdout, indent=1, sort_keys=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else materialize(EMBEDDED_DEFAULT, Path(tmp) / "model").path
+        logging.info("computing the digests with the code of %s on this machine (%s)", REFERENCE_COMMIT[:10],
+                     machine_key())
+        cases = digests_at_commit(REFERENCE_COMMIT, Path(model_dir).resolve())
+    reference = json.loads(REFERENCE.read_text())
+    reference["machines"][machine_key()] = {"recorded_with": REFERENCE_COMMIT, "cases": cases}
+    REFERENCE.write_text(json.dumps(reference, indent=1, sort_keys=True) + "\n")
+    logging.info("recorded %d cases for this machine in %s", len(cases), REFERENCE)
 
 
 if __name__ == "__main__":
