@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_pipeline import make_repo  # noqa: E402
+from benchmarks.cpu_accounting import CpuAccounting  # noqa: E402
 from tasks.common import OFFLINE_ENV  # noqa: E402
 
 for _key, _value in OFFLINE_ENV.items():
@@ -100,8 +101,9 @@ def main() -> None:
         cluster = DaskCluster(args.work, env, names)
         try:
             started, cpu_before = time.perf_counter(), busy_cpu_seconds()
-            result = sweep(axes=axis, name="bench", repo=str(repo), runner=cluster.address,
-                           overrides=["sweep={resources: {threads: 1}}"])
+            with CpuAccounting(workspaces=args.work / f"ws-{workers}") as accounting:
+                result = sweep(axes=axis, name="bench", repo=str(repo), runner=cluster.address,
+                               overrides=["sweep={resources: {threads: 1}}"])
             seconds, cpu = time.perf_counter() - started, busy_cpu_seconds() - cpu_before
         finally:
             cluster.stop()
@@ -109,8 +111,11 @@ def main() -> None:
         results[f"workers_{workers}_s"] = round(seconds, 1)
         results[f"workers_{workers}_cpu_s"] = round(cpu, 1)
         results[f"workers_{workers}_placement"] = result["placement"]
+        results[f"workers_{workers}_cpu_by_kind"] = accounting.by_kind()
         print(f"{workers} worker(s) ({', '.join(used)}): {seconds:.1f}s; machine busy {cpu:.0f} CPU-s "
               f"({cpu / seconds:.2f} of {os.cpu_count()} cores on average)", flush=True)
+        print("  CPU-s by process: " + ", ".join(f"{kind} {s:.1f}" for kind, s in accounting.by_kind().items()),
+              flush=True)
     results["speedup"] = round(results["workers_1_s"] / results["workers_2_s"], 2)
     # Two workers cannot finish before the 1-worker run's CPU work spread over every core.
     cores = os.cpu_count() or 1
