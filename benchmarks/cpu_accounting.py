@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_ENDED = "ended"
 
 # First match wins: (kind, words that must all appear in the command line).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -33,7 +34,8 @@ def kind_of(cmdline: str, driver: bool, name: str = "?") -> str:
     for kind, words in KINDS:
         if all(word in cmdline for word in words):
             return kind
-    return f"other ({name})"
+    words = [w.rsplit("/", 1)[-1] for w in cmdline.split()[:3]]
+    return f"other ({' '.join(words) or name})"
 
 
 def _cpu_seconds(stat: str) -> float:
@@ -70,7 +72,10 @@ class CpuAccounting:
             self._record(self._sample())
 
     def _record(self, sample: dict[int, tuple[str, float]]) -> None:
-        self.last.update(sample)
+        for pid, (kind, seconds) in sample.items():
+            if kind == _ENDED:  # an ended process not yet reaped: no command line left, keep its kind
+                kind = self.last.get(pid, ("other (ended before it was seen)", 0.0))[0]
+            self.last[pid] = (kind, seconds)
 
     def _sample(self) -> dict[int, tuple[str, float]]:
         me = os.getpid()
@@ -84,7 +89,10 @@ class CpuAccounting:
             except OSError:  # ended meanwhile
                 continue
             pid = int(entry.name)
-            kind = kind_of(cmdline.strip(), pid == me, stat[stat.index("(") + 1:stat.rindex(")")])
+            if stat[stat.rindex(")") + 2] == "Z":  # ended, waiting for its parent: cmdline is empty now
+                kind = _ENDED
+            else:
+                kind = kind_of(cmdline.strip(), pid == me, stat[stat.index("(") + 1:stat.rindex(")")])
             if self.workspaces and kind in ("dvc", "git"):
                 try:
                     where = os.readlink(entry / "cwd")
