@@ -14,6 +14,7 @@ from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _ENDED = "ended"
+_PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
 
 # First match wins: (kind, words that must all appear in the command line).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -29,8 +30,6 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def kind_of(cmdline: str, driver: bool, name: str = "?") -> str:
     if driver:
         return "driver (flow, adoption)"
-    if not cmdline:  # kernel threads: page-cache writeback, reclaim, interrupts
-        return "kernel threads"
     for kind, words in KINDS:
         if all(word in cmdline for word in words):
             return kind
@@ -89,7 +88,10 @@ class CpuAccounting:
             except OSError:  # ended meanwhile
                 continue
             pid = int(entry.name)
-            if stat[stat.rindex(")") + 2] == "Z":  # ended, waiting for its parent: cmdline is empty now
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[6]) & _PF_KTHREAD:
+                kind = "kernel threads"
+            elif not cmdline.strip():  # exiting or ended, not yet reaped: its memory (and cmdline) gone
                 kind = _ENDED
             else:
                 kind = kind_of(cmdline.strip(), pid == me, stat[stat.index("(") + 1:stat.rindex(")")])
