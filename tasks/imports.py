@@ -16,6 +16,13 @@ followed, and each resolves to a file:
 A package's ``__init__.py`` is not added merely because Python runs it on the way to a submodule:
 ``wanda/__init__.py`` only re-exports names, and counting it would make every stage depend on
 every module of the library. It is a dependency where a stage uses names from it.
+
+Plug-ins loaded by discovery are imports too: a package that walks its own folder
+(``pkgutil.iter_modules(__path__)`` or ``pkgutil.walk_packages(__path__)``, the way
+``wanda/methods`` loads every method module) imports every module in it, so a module dropped
+into that folder is a dependency of whatever imports the package, at once. Any other dynamic
+import (``importlib.import_module`` or ``__import__`` of a computed name) cannot be followed
+statically, so it is refused with its place named rather than silently left out of the deps.
 """
 from __future__ import annotations
 
@@ -43,10 +50,74 @@ def _package_of(path: Path, root: Path) -> list[str]:
     return list(path.relative_to(root).parts[:-1])  # a module's package; an __init__'s own package
 
 
-def imported_files(path: Path, root: Path = ROOT) -> set[Path]:
-    """Project files that ``path`` imports directly (anywhere in the file)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+class DynamicImportError(ValueError):
+    """A project module imports by a computed name the closure cannot follow."""
+
+
+_WALKERS = {"iter_modules": False, "walk_packages": True}  # pkgutil function -> recursive
+_IMPORTERS = ("import_module", "__import__")
+
+
+def _call_name(node: ast.Call) -> str | None:
+    func = node.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    if isinstance(func, ast.Name):
+        return func.id
+    return None
+
+
+def _walks_own_path(node: ast.Call) -> bool:
+    """``pkgutil.iter_modules(__path__)`` / ``walk_packages(__path__, ...)``."""
+    first = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "path"), None)
+    return isinstance(first, ast.Name) and first.id == "__path__"
+
+
+def package_modules(package_dir: Path, recursive: bool) -> set[Path]:
+    """Every module file of a package folder (``__init__.py`` of sub-packages included)."""
+    pattern = "**/*.py" if recursive else "*.py"
+    found = {p for p in package_dir.glob(pattern) if "__pycache__" not in p.parts}
+    if not recursive:
+        found |= {p / "__init__.py" for p in package_dir.iterdir() if (p / "__init__.py").is_file()}
+    return found
+
+
+def _discovered_files(path: Path, tree: ast.AST, root: Path) -> set[Path]:
+    """Modules ``path`` loads by discovery; raises on a dynamic import it cannot follow."""
     found: set[Path] = set()
+    walks = False
+    importers: list[ast.Call] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _call_name(node)
+        if name in _WALKERS and _walks_own_path(node):
+            if path.name != "__init__.py":
+                raise DynamicImportError(f"{path.relative_to(root)}:{node.lineno}: only a package's __init__.py "
+                                         "may discover modules through its own __path__")
+            found |= package_modules(path.parent, _WALKERS[name])
+            walks = True
+        elif name in _IMPORTERS and node.args:
+            importers.append(node)
+    for node in importers:
+        target = node.args[0]
+        if isinstance(target, ast.Constant) and isinstance(target.value, str):
+            file = module_file(target.value, root)
+            if file is not None:
+                found.add(file)
+        elif not walks:  # a computed name that no folder walk in this file accounts for
+            raise DynamicImportError(
+                f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)} imports a computed module name that "
+                "the stage code dependencies cannot follow; import the module explicitly, or discover a package's "
+                "own modules with pkgutil.iter_modules(__path__) in its __init__.py")
+    return found
+
+
+def imported_files(path: Path, root: Path = ROOT) -> set[Path]:
+    """Project files that ``path`` imports directly (anywhere in the file), plugin modules that
+    it discovers included."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[Path] = _discovered_files(path, tree, root)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:

@@ -51,3 +51,56 @@ def test_dvc_yaml_check_names_the_stage_and_the_missing_file(tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert "stage masks: deps lack wanda/plots.py (imported by tasks.masks or its imports)" in result.stderr
+
+
+def _copy_code(dest: Path) -> None:
+    import shutil
+
+    for package in ("wanda", "tasks", "flows"):
+        shutil.copytree(REPO / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "dvc.yaml", dest / "dvc.yaml")
+
+
+def test_a_method_dropped_into_the_methods_package_is_a_dependency_of_the_masks_stage(tmp_path):
+    """wanda/methods/__init__.py imports every module of its folder (pkgutil): a new method file is
+    a code dependency of tasks.masks the moment it exists, and the generated dvc.yaml goes stale."""
+    _copy_code(tmp_path)
+    assert "wanda/methods/zz_probe.py" not in closure("tasks.masks", tmp_path)
+    (tmp_path / "wanda" / "methods" / "zz_probe.py").write_text("PROBE = 1\n")
+    closure.cache_clear()
+    try:
+        deps = closure("tasks.masks", tmp_path)
+    finally:
+        closure.cache_clear()
+    assert "wanda/methods/zz_probe.py" in deps
+    # the stage in the copy's own dvc.yaml is now stale, and the check says which file it lacks
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "dvc-yaml", "--check"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "stage masks: deps lack wanda/methods/zz_probe.py" in result.stderr
+
+
+def test_a_computed_import_is_refused_by_name(tmp_path):
+    from tasks.imports import DynamicImportError
+
+    files = {
+        "tasks/__init__.py": "",
+        "tasks/entry.py": "import importlib\n\ndef load(name):\n    return importlib.import_module(name)\n",
+        "wanda/__init__.py": "",
+        "wanda/plugins/__init__.py": ("import importlib, pkgutil\nfor m in pkgutil.iter_modules(__path__):\n"
+                                      "    importlib.import_module(f'{__name__}.{m.name}')\n"),
+        "wanda/plugins/one.py": "", "wanda/plugins/sub/__init__.py": "", "wanda/plugins/sub/deep.py": "",
+        "tasks/uses.py": "import wanda.plugins\nimport importlib\nimportlib.import_module('wanda.leaf')\n",
+        "wanda/leaf.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    import pytest
+
+    with pytest.raises(DynamicImportError, match=r"tasks/entry.py:4: importlib.import_module\(name\)"):
+        closure("tasks.entry", tmp_path)
+    # a folder walk covers its own modules (one level for iter_modules); a constant name resolves
+    assert closure("tasks.uses", tmp_path) == (
+        "tasks/uses.py", "wanda/leaf.py", "wanda/plugins/__init__.py", "wanda/plugins/one.py",
+        "wanda/plugins/sub/__init__.py")
