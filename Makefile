@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary API server gets 20 s to start by default: too little on a loaded 2-core box.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-fast bench bench-eval bench-pipeline bench-methods clean
+.PHONY: setup demo test test-fast digests bench bench-eval bench-pipeline bench-methods bench-startup clean
 
 setup: $(STAMP)
 
@@ -46,10 +46,17 @@ TEST_WORKERS ?= 2
 # with OMP_WAIT_POLICY=ACTIVE.
 test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP)
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=10 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
+# The inner loop: no servers, no embedded-model pipelines (tests marked integration or servers).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -rs -m "not integration"
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) -m "not integration and not servers and not digests"
+
+# Bit-identity migration tool (not CI): record this machine kind's digests with the pre-redesign
+# code when it has none (tests/make_digests.py), then check the current code against them.
+digests: $(STAMP)
+	$(PY) -m tests.make_digests --if-missing
+	$(PY) -m pytest -q -rs -m digests tests/test_digests.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_prune.py

@@ -25,7 +25,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from tasks.common import read_manifest
+from tasks.common import read_stage_record
 from tasks.progress import LINES_ENV, ProgressLine, parse_line
 
 from . import dvc
@@ -63,7 +63,7 @@ class StageOutcome:
 
 
 def _outcome(plan: StagePlan, root: Path, action: str, seconds: float) -> StageOutcome:
-    manifest = read_manifest(root / plan.folder) or {}
+    manifest = read_stage_record(root / plan.folder) or {}  # with its run's facts (wall time, memory)
     return StageOutcome(plan.address, plan.stage, action, round(seconds, 3), manifest.get("status"),
                         manifest.get("reason"), manifest.get("wall_s"), manifest.get("peak_memory_mb"), plan.folder)
 

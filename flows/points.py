@@ -12,10 +12,14 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from tasks.common import run_facts_path
+from wanda.atomic import atomic_file
 
 from . import dvc
 from .execution import PROGRESS_ENV, StagePlan, _outcome, _Sink
@@ -54,8 +58,21 @@ def run_point_task(job: PointJob) -> dict[str, Any]:
             action = dvc.repro(path, plan.address, sink=_Sink(logger, plan.address), force=plan.force,
                                run_cache=job.run_cache, warn=logger.warning, env={**env, **PROGRESS_ENV}).action
             outcomes.append(asdict(_outcome(plan, path, action, time.perf_counter() - t0)))
+            _keep_run_facts(path, Path(job.source.root), plan.folder)
     return {"point": job.point, "worker": worker, "host": platform.node(),
             "seconds": round(time.perf_counter() - started, 3), "outcomes": outcomes}
+
+
+def _keep_run_facts(workspace: Path, main: Path, folder: str) -> None:
+    """The point's run facts (``<folder>.run.json``) into the main workspace: adoption restores the
+    outputs from DVC's cache there, and the cache holds no run facts. They name the manifest they
+    belong to, so they only count once the adopted folder holds that same manifest."""
+    source = run_facts_path(workspace / folder)
+    if source.is_file():
+        dest = run_facts_path(main / folder)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(dest) as handle:
+            handle.write(source.read_bytes())
 
 
 class Progress:

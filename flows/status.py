@@ -154,16 +154,20 @@ def pipeline_status(repo: str | Path = ".") -> list[StageState]:
 
 
 def _outcome(root: Path, address: str, params: PipelineParams | None) -> str | None:
-    from tasks.common import read_manifest
+    from tasks.common import read_stage_record
 
     if params is None or ":" in address or address not in graph.by_name():
         return None
-    manifest = read_manifest(root / getattr(params.paths, address))
+    manifest = read_stage_record(root / getattr(params.paths, address))
     if not manifest:
         return None
     if manifest.get("status") == "skipped":
         return f"skipped: {manifest.get('reason')}"
-    return manifest.get("status")
+    # The run facts live beside the folder: outputs DVC restored from its cache have none here.
+    if manifest.get("run_facts") is None:
+        return f"{manifest.get('status')}; restored from DVC's cache, no run facts here"
+    wall = manifest.get("wall_s")
+    return f"{manifest.get('status')} at {manifest.get('started_at')}" + (f" in {wall:.1f} s" if wall is not None else "")
 
 
 def render(states: list[StageState]) -> str:

@@ -2,10 +2,14 @@
 in ``manifest.json``, then rename the folder into place.
 
 A stage folder holds its outputs and ``manifest.json`` (stage, parameters used, input digests,
-output digests, lineage, code version, library versions, wall time, peak memory). The manifest is
-written last inside the temporary folder and the folder is renamed as a whole, so a folder that
-exists is finished; an interrupted stage leaves only a ``.<name>.tmp-*`` sibling, which is never
-read and is removed the next time the stage runs.
+output digests, lineage, library versions): only what the stage's inputs determine, so a stage
+that runs again on the same inputs writes the same bytes, and DVC finds every stage after it
+cached (early cutoff). The facts of one particular run (start time, wall time, peak memory, host,
+git commit and code digest) go beside the folder, in ``<folder>.run.json`` (:func:`write_run_facts`),
+naming the manifest they belong to; readers take them only while that manifest is the one in the
+folder (:func:`read_run_facts`). The manifest is written last inside the temporary folder and the
+folder is renamed as a whole, so a folder that exists is finished; an interrupted stage leaves
+only a ``.<name>.tmp-*`` sibling, which is never read and is removed the next time the stage runs.
 
 Inputs are refused when their bytes no longer match their manifest, when they were made for a
 different upstream artifact than their siblings (for example masks computed for another base
@@ -42,7 +46,14 @@ from .params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SCHEMA = "wanda-stage-manifest/1"
+# /2: run facts moved out of the manifest into <folder>.run.json; /1 manifests held them inline
+# (workspaces made before that still read, see read_stage_record).
+SCHEMA = "wanda-stage-manifest/2"
+SCHEMAS = ("wanda-stage-manifest/1", SCHEMA)
+RUN_FACTS_SCHEMA = "wanda-stage-run/1"
+RUN_FACTS_SUFFIX = ".run.json"
+# Keys of a run's facts; a /1 manifest holds them inline.
+RUN_FACT_KEYS = ("started_at", "wall_s", "peak_memory_mb", "code_version", "environment")
 LIBRARIES = ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pydantic", "wanda-pipeline")
 
 
@@ -57,6 +68,9 @@ class StageResult:
     lineage: dict[str, str] = field(default_factory=dict)
     status: str = "completed"  # "completed" | "skipped"
     reason: str | None = None
+    # Facts of this run that the outputs must not hold (timings, throughput): they go to the run
+    # facts beside the folder, so an identical re-run leaves the outputs' bytes unchanged.
+    run_facts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def skipped(cls, reason: str, **summary: Any) -> "StageResult":
@@ -133,6 +147,50 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def run_facts_path(folder: str | Path) -> Path:
+    """``<folder>.run.json``: beside the stage folder, never inside it (not an output)."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + RUN_FACTS_SUFFIX)
+
+
+def write_run_facts(folder: str | Path, manifest_sha256: str, facts: dict[str, Any]) -> Path:
+    path = run_facts_path(folder)
+    write_json(path, {"schema": RUN_FACTS_SCHEMA, "manifest_sha256": manifest_sha256, **facts})
+    return path
+
+
+def read_run_facts(folder: str | Path) -> dict[str, Any] | None:
+    """The facts of the run that wrote the folder's current manifest, or None: no run facts, or
+    facts of another run (the outputs were restored from DVC's cache, which holds no run facts,
+    or a run was interrupted between its rename and its facts)."""
+    folder = Path(folder)
+    path, manifest = run_facts_path(folder), folder / MANIFEST
+    if not path.is_file() or not manifest.is_file():
+        return None
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(facts, dict) or facts.get("manifest_sha256") != sha256_file(manifest):
+        return None
+    return {k: v for k, v in facts.items() if k not in ("schema", "manifest_sha256")}
+
+
+def read_stage_record(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest with its run's facts merged in (``wall_s``, ``peak_memory_mb``, ``started_at``,
+    ``code_version``, ``environment``, ...), as status, tracking and the audit show a stage. A /1
+    manifest holds them itself; a restored /2 one has none (``run_facts: None``)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    facts = read_run_facts(folder)
+    if facts is not None:
+        manifest = {**manifest, **facts}
+    manifest["run_facts"] = "beside" if facts is not None else (
+        "inline" if manifest.get("schema") == SCHEMAS[0] else None)
+    return manifest
+
+
 def load_artifact(stage: str, folder: str | Path, verify: bool = True) -> Artifact:
     """Read an upstream artifact, refusing anything unfinished, foreign or damaged."""
     folder = Path(folder)
@@ -144,7 +202,7 @@ def load_artifact(stage: str, folder: str | Path, verify: bool = True) -> Artifa
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ArtifactMismatchError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-    if manifest.get("schema") != SCHEMA:
+    if manifest.get("schema") not in SCHEMAS:
         raise ArtifactMismatchError(f"{manifest_path}: not a stage manifest (schema {manifest.get('schema')!r})")
     if manifest.get("stage") != stage:
         raise ArtifactMismatchError(f"{folder}: holds a {manifest.get('stage')!r} artifact, expected {stage!r}")
@@ -249,7 +307,8 @@ def run_stage(name: str, params: PipelineParams | None, body: Body, root: str | 
               inputs: dict[str, tuple[str, str | Path]] | None = None,
               record: dict[str, Any] | None = None,
               consistent: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run one stage end to end and return its manifest.
+    """Run one stage end to end and return its manifest with the run's facts merged in (the file
+    ``manifest.json`` holds only the manifest; the facts are in ``<folder>.run.json``).
 
     By default the stage's folder and its inputs' folders come from ``params.paths``; a stage
     outside the main graph (a sweep report) passes ``spec``, ``target`` and ``inputs``
@@ -290,19 +349,26 @@ def run_stage(name: str, params: PipelineParams | None, body: Body, root: str | 
             "outputs": output_digests(work),
             "lineage": {**context.lineage(consistent), **result.lineage},
             "summary": result.summary,
-            "code_version": code_version(spec, root),
             "versions": library_versions(),
-            "environment": environment(),
-            "started_at": started_at,
-            "wall_s": round(time.perf_counter() - started, 3),
-            "peak_memory_mb": peak_memory_mb(),
         }
         write_json(work / MANIFEST, manifest)
+        manifest_sha256 = sha256_file(work / MANIFEST)
+    facts = {
+        "stage": name,
+        "started_at": started_at,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "peak_memory_mb": peak_memory_mb(),
+        "code_version": code_version(spec, root),
+        "environment": environment(),
+        **result.run_facts,
+    }
+    # After the rename: facts that name a manifest no longer in place are never read.
+    write_run_facts(target, manifest_sha256, facts)
     if result.status == "skipped":
         log.info("stage %s skipped: %s", name, result.reason)
     else:
-        log.info("stage %s done in %.1fs (peak memory %.0f MiB)", name, manifest["wall_s"], manifest["peak_memory_mb"])
-    return manifest
+        log.info("stage %s done in %.1fs (peak memory %.0f MiB)", name, facts["wall_s"], facts["peak_memory_mb"])
+    return {**manifest, **facts}
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -67,12 +67,14 @@ def _dense_body(ctx: StageContext) -> StageResult:
     base = ctx.input("materialize")
     fingerprint = base.lineage["base_model_fingerprint"]
     result, note = _evaluate(ctx, base.file("model"), "dense", fingerprint, base.summary.get("source"))
+    # The stage's output holds what the model and protocol determine; timings go to the run facts.
+    facts, result = result.run_facts(), result.without_run_facts()
     save_result(ctx.work / RESULT, result)
     metrics = result.metrics()
     write_json(ctx.work / "metrics.json", metrics)
     summary = {"label": "dense", "metrics": metrics, "fallback_used": note,
                "settings_digest": result.settings_digest, "dataset_digests": result.dataset_digests}
-    return StageResult(summary=summary, lineage={"dense_evaluation_digest": result.content_digest})
+    return StageResult(summary=summary, lineage={"dense_evaluation_digest": result.content_digest}, run_facts=facts)
 
 
 def _candidate_metrics(result, dense, sparsity: float | None) -> dict[str, float]:
@@ -100,6 +102,7 @@ def _pruned_body(ctx: StageContext) -> StageResult:
     label = pruned.summary.get("label") or "pruned"
     result, note = _evaluate(ctx, pruned.file("model"), label, pruned.lineage["pruned_model_fingerprint"],
                              pruned.summary.get("fingerprint"))
+    facts, result = result.run_facts(), result.without_run_facts()
     save_result(ctx.work / RESULT, result)
     metrics = _candidate_metrics(result, dense, pruned.summary.get("mask_sparsity"))
     write_json(ctx.work / "metrics.json", metrics)
@@ -109,7 +112,7 @@ def _pruned_body(ctx: StageContext) -> StageResult:
     summary = {"label": label, "metrics": metrics, "fallback_used": note, "comparison": table,
                "settings_digest": result.settings_digest, "dataset_digests": result.dataset_digests,
                "comparable": dense.settings_digest == result.settings_digest}
-    return StageResult(summary=summary, lineage={"evaluation_digest": result.content_digest})
+    return StageResult(summary=summary, lineage={"evaluation_digest": result.content_digest}, run_facts=facts)
 
 
 def run_dense(params: PipelineParams, root: str | Path = ".") -> dict:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from wanda.hashing import sha256_file
 
 from .common import MANIFEST as MANIFEST_NAME
+from .common import read_run_facts
 from .graph import order as _stage_order
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,17 @@ def _stage_rank(stage: str) -> tuple[int, str]:
 
 def read_manifests(folders: Mapping[str, str], root: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """``(stage -> manifest, stage -> sha256 of the manifest file)`` for every stage folder that
-    holds a ``manifest.json`` (stages not run yet are absent)."""
+    holds a ``manifest.json`` (stages not run yet are absent). Each manifest comes with the facts
+    of the run that wrote it merged in (wall time, peak memory, code version: they live beside the
+    folder, :func:`tasks.common.read_run_facts`); the digest is of the manifest file alone."""
     found: dict[str, dict[str, Any]] = {}
     digests: dict[str, str] = {}
     for stage, folder in folders.items():
         path = Path(root) / folder / MANIFEST_NAME
         if path.is_file():
-            found[stage] = json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            facts = read_run_facts(Path(root) / folder)
+            found[stage] = {**manifest, **facts} if facts else manifest
             digests[stage] = sha256_file(path)
     return found, digests
 

@@ -14,6 +14,12 @@ on the thread count, so the reference holds one set of digests per machine kind
 set once (minutes; a git checkout of that commit in a temporary worktree computes it):
 
     .venv/bin/python -m tests.make_digests [MODEL_DIR]
+
+This is a tool for the next bit-identity migration (``make digests`` records this machine's set
+when missing, then compares the current code with it); ``make test`` does not run it, because a
+machine kind nobody recorded would fail. The suite checks what holds on any CPU instead
+(``tests/test_regression_oracles.py``, ``tests/test_regression_figures.py``), and the latter reads
+every recorded machine's perplexities to measure how far rounding moves them.
 """
 from __future__ import annotations
 
@@ -118,6 +124,22 @@ def compute_digests(model_dir: str | Path, cases: list[str] | None = None) -> di
 
 
 def _compute_digests(model_dir: str | Path, cases: list[str] | None) -> dict[str, dict]:
+    results = {}
+    for name, model, tokenizer, masks in pruned_cases(model_dir, cases):
+        modules = dict(model.named_modules())
+        weights = {n: modules[n].weight for n in masks}
+        results[name] = {
+            "masks": tensors_digest(dict(masks)),
+            "weights": tensors_digest(weights),
+            "perplexity": repr(_perplexity(model, tokenizer)),
+            "permutations": tensors_digest(dict(getattr(masks, "permutations", {}))),
+        }
+    return results
+
+
+def pruned_cases(model_dir: str | Path, cases: list[str] | None = None):
+    """``(case, pruned model, tokenizer, masks)`` for each case in turn (one model, reset to the
+    dense weights before each case)."""
     from safetensors.torch import load_file
 
     import wanda
@@ -126,7 +148,6 @@ def _compute_digests(model_dir: str | Path, cases: list[str] | None) -> dict[str
     model, tokenizer = wanda.load_model(str(model_dir))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = _calibration(tokenizer)
-    results = {}
     for name in cases or list(CASES):
         fields, streamed = CASES[name]
         config = PruneConfig(batch_size=BATCH, **fields)
@@ -143,15 +164,24 @@ def _compute_digests(model_dir: str | Path, cases: list[str] | None) -> dict[str
             wanda.apply_masks(model, masks)
         else:
             masks = wanda.prune_model(model, tokens, config)
-        modules = dict(model.named_modules())
-        weights = {n: modules[n].weight for n in masks}
-        results[name] = {
-            "masks": tensors_digest(dict(masks)),
-            "weights": tensors_digest(weights),
-            "perplexity": repr(_perplexity(model, tokenizer)),
-            "permutations": tensors_digest(dict(getattr(masks, "permutations", {}))),
-        }
-    return results
+        yield name, model, tokenizer, masks
+
+
+def compute_figures(model_dir: str | Path, cases: list[str] | None = None) -> dict[str, dict]:
+    """Per case, on :data:`DIGEST_THREADS` threads: the perplexity, the overall mask sparsity and
+    the masks' digest (equal between runs on one machine, not between machines)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(DIGEST_THREADS)
+    try:
+        figures = {}
+        for name, model, tokenizer, masks in pruned_cases(model_dir, cases):
+            pruned = sum(int(m.sum()) for m in masks.values())
+            total = sum(m.numel() for m in masks.values())
+            figures[name] = {"perplexity": _perplexity(model, tokenizer), "sparsity": pruned / total,
+                             "masks": tensors_digest(dict(masks))}
+        return figures
+    finally:
+        torch.set_num_threads(previous)
 
 
 def digests_at_commit(commit: str, model_dir: Path) -> dict[str, dict]:
@@ -163,7 +193,11 @@ def digests_at_commit(commit: str, model_dir: Path) -> dict[str, dict]:
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), commit], cwd=root, check=True)
         try:
-            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(DIGEST_THREADS)}
+            from wanda.data import shared_data_dir
+
+            # the worktree is elsewhere: its ../shared/data default would not find the data
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(DIGEST_THREADS),
+                   "WANDA_SHARED_DATA": str(shared_data_dir().resolve())}
             probe = subprocess.run([sys.executable, "-c", "import wanda; print(wanda.__file__)"], cwd=tree, env=env,
                                    capture_output=True, text=True, check=True).stdout.strip()
             if not Path(probe).resolve().is_relative_to(tree.resolve()):
@@ -176,7 +210,7 @@ def digests_at_commit(commit: str, model_dir: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    """``python -m tests.make_digests [MODEL_DIR]``: this machine kind's reference digests,
+    """``python -m tests.make_digests [--if-missing] [MODEL_DIR]``: this machine kind's reference digests,
     computed by :data:`REFERENCE_COMMIT`'s code from an already materialized embedded model, or
     a fresh one in a temporary folder, added to the reference file (other machines' kept)."""
     import logging
@@ -184,8 +218,12 @@ def main() -> None:
     from wanda.model_io import EMBEDDED_DEFAULT, materialize
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = [a for a in sys.argv[1:] if a != "--if-missing"]
+    if "--if-missing" in sys.argv[1:] and reference_for_this_machine() is not None:
+        logging.info("%s already holds digests for this machine kind (%s)", REFERENCE.name, machine_key())
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else materialize(EMBEDDED_DEFAULT, Path(tmp) / "model").path
+        model_dir = Path(args[0]) if args else materialize(EMBEDDED_DEFAULT, Path(tmp) / "model").path
         logging.info("computing the digests with the code of %s on this machine (%s)", REFERENCE_COMMIT[:10],
                      machine_key())
         cases = digests_at_commit(REFERENCE_COMMIT, Path(model_dir).resolve())

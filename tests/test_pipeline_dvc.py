@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks import graph
-from tasks.common import load_artifact, read_manifest
+from tasks.common import load_artifact, read_manifest, read_run_facts
 from tasks.params import read_yaml
 from tests.pipeline_project import cold_project, copy_project, drop_from_cache, dvc, env, repro, set_params, status
 
@@ -26,7 +26,7 @@ FOLDERS = {name: f"artifacts/{name}" for name in ALL}
 
 
 def _manifest_times(root: Path) -> dict[str, str]:
-    return {name: (read_manifest(root / folder) or {}).get("started_at") for name, folder in FOLDERS.items()}
+    return {name: (read_run_facts(root / folder) or {}).get("started_at") for name, folder in FOLDERS.items()}
 
 
 def test_cold_run_produces_every_artifact_and_a_valid_lock():

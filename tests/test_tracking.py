@@ -184,7 +184,10 @@ def _log(root: Path, sparsity: float | None = None, config: TrackingConfig | Non
 
 
 def _manifest(root: Path, stage: str) -> dict:
-    return json.loads((root / "artifacts" / stage / "manifest.json").read_text())
+    """The stage's manifest with the facts of its run (wall time, memory) merged in."""
+    from tasks.common import read_stage_record
+
+    return read_stage_record(root / "artifacts" / stage)
 
 
 # ----------------------------------------------------------------------------- logging

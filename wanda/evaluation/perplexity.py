@@ -56,8 +56,9 @@ class PerplexityResult(BaseModel):
     text_digest: str
     source: str
     batch_size: int
-    wall_s: float
-    tokens_per_s: float  # model throughput over the scored windows (excludes reading/tokenizing)
+    # Run facts (None in a record that leaves them out: EvaluationResult.without_run_facts)
+    wall_s: float | None
+    tokens_per_s: float | None  # model throughput over the scored windows (excludes reading/tokenizing)
 
 
 def model_context_length(model) -> int | None:

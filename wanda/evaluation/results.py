@@ -59,9 +59,11 @@ class EvaluationResult(BaseModel):
     dataset_digests: dict[str, str] = Field(default_factory=dict)
     perplexity: PerplexityResult | None = None
     zeroshot: ZeroShotResult | None = None
-    wall_s: float = 0.0
+    # Facts of one run, not of the model and protocol: None in a record that left them out
+    # (:meth:`without_run_facts`, what a cached stage output holds so a re-run writes equal bytes).
+    wall_s: float | None = 0.0
     versions: dict[str, str] = Field(default_factory=library_versions)
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str | None = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     content_digest: str = ""
 
     def model_post_init(self, _context: Any) -> None:
@@ -71,6 +73,26 @@ class EvaluationResult(BaseModel):
     def sealed(self) -> "EvaluationResult":
         """A copy whose ``content_digest`` covers every other field."""
         return self.model_copy(update={"content_digest": _content_digest(self)})
+
+    def run_facts(self) -> dict[str, Any]:
+        """When and how fast this evaluation ran (differs between two runs of the same evaluation)."""
+        facts: dict[str, Any] = {"created_at": self.created_at, "wall_s": self.wall_s}
+        if self.perplexity:
+            facts["perplexity.wall_s"] = self.perplexity.wall_s
+            facts["perplexity.tokens_per_s"] = self.perplexity.tokens_per_s
+        if self.zeroshot:
+            facts["zeroshot.wall_s"] = self.zeroshot.wall_s
+        return facts
+
+    def without_run_facts(self) -> "EvaluationResult":
+        """A sealed copy holding only what the model, data and protocol determine (every number
+        and digest), with the run facts (:meth:`run_facts`) set to None."""
+        update: dict[str, Any] = {"created_at": None, "wall_s": None}
+        if self.perplexity:
+            update["perplexity"] = self.perplexity.model_copy(update={"wall_s": None, "tokens_per_s": None})
+        if self.zeroshot:
+            update["zeroshot"] = self.zeroshot.model_copy(update={"wall_s": None})
+        return self.model_copy(update=update).sealed()
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names, as a tracker (MLflow) or a gate reads them."""

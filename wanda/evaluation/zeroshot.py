@@ -104,7 +104,7 @@ class ZeroShotResult(BaseModel):
     seed: int
     task_source: str
     lm_eval_version: str
-    wall_s: float
+    wall_s: float | None  # a run fact (None in a record that leaves it out)
 
 
 # ---------------------------------------------------------------------------- local tasks
