@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -67,12 +68,12 @@ DEVICE = "cuda"  # a test runs the control flow on "cpu" with torch.cuda's timin
 # --------------------------------------------------------------------------- environment
 
 
-def driver_version() -> str:
+def driver_version(proc_file: Path = Path("/proc/driver/nvidia/version")) -> str:
     """The NVIDIA driver's version, from the kernel module or nvidia-smi; says where from."""
     try:
-        first = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+        first = proc_file.read_text().splitlines()[0]
         match = re.search(r"Kernel Module\s+(?:for\s+\S+\s+)?(\d+(?:\.\d+)+)", first)
-        return f"{match.group(1) if match else first.strip()} (/proc/driver/nvidia/version)"
+        return f"{match.group(1) if match else first.strip()} ({proc_file})"
     except (OSError, IndexError):
         pass
     smi = shutil.which("nvidia-smi")
@@ -100,11 +101,14 @@ def environment() -> tuple[dict, list[str]]:
     env: dict = {"python": platform.python_version(), "torch": torch.__version__,
                  "torch_cuda": torch.version.cuda or "none (CPU build)", "driver": driver_version()}
     missing: list[str] = []
-    usable_cuda = torch.version.cuda is not None and torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as caught:  # its reason goes into the one line, not stderr
+        warnings.simplefilter("always")
+        usable_cuda = torch.version.cuda is not None and torch.cuda.is_available()
     if torch.version.cuda is None:
         missing.append(f"a CUDA build of torch ({torch.__version__} is built without CUDA)")
-    elif not torch.cuda.is_available():
-        missing.append("a visible CUDA device (torch.cuda.is_available() is False)")
+    elif not usable_cuda:
+        why = " ".join(str(w.message).split())[:200] if caught else "no device"
+        missing.append(f"a visible CUDA device (torch.cuda.is_available() is False: {why})")
     if usable_cuda:
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = props.name
@@ -264,16 +268,17 @@ def calls_for(fn: Callable[[int], object]) -> int:
     return max(1, min(MAX_CALLS, math.ceil(TARGET_REPLAY_US / max(per_call_us, 1e-3))))
 
 
-def time_variants(fns: dict[str, Callable[[int], object]], calls: int, repetitions: int) -> dict[str, dict]:
+def runner(fn: Callable[[int], object], calls: int) -> tuple[Callable[[], object], str, object]:
+    """(replay, method, graph to keep alive): the captured graph, or an eager loop if capture fails."""
+    graph = capture(fn, calls)
+    if graph is not None:
+        return graph.replay, "graph", graph
+    return (lambda: [fn(i) for i in range(calls)]), "eager", None
+
+
+def time_runners(runners: dict[str, tuple], calls: int, repetitions: int) -> dict[str, dict]:
     """Median µs per call of every variant, replayed interleaved (drift hits all alike)."""
-    runners = {}
-    for name, fn in fns.items():
-        graph = capture(fn, calls)
-        if graph is not None:
-            runners[name] = (graph.replay, "graph", graph)
-        else:
-            runners[name] = ((lambda fn=fn: [fn(i) for i in range(calls)]), "eager", None)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repetitions):
         for name, (run, _, _) in runners.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -282,7 +287,7 @@ def time_variants(fns: dict[str, Callable[[int], object]], calls: int, repetitio
             end.record()
             end.synchronize()
             samples[name].append(start.elapsed_time(end) * 1e3 / calls)
-    return {name: {"us": statistics.median(samples[name]), "timing": runners[name][1]} for name in fns}
+    return {name: {"us": statistics.median(samples[name]), "timing": runners[name][1]} for name in runners}
 
 
 # --------------------------------------------------------------------------- report
@@ -327,14 +332,15 @@ def measure_row(dtype: str, what: str, tokens: int, dense_fn, sparse_fn, set_alg
     calls = calls_for(dense_fn)
     set_alg(False)
     err_default = check()
-    graphs = {"dense": dense_fn, "sparse_default": sparse_fn}
-    timed = time_variants(graphs, calls, repetitions)
+    runners = {"dense": runner(dense_fn, calls), "sparse_default": runner(sparse_fn, calls)}
     alg = set_alg(True)
     err = max(err_default, check())
-    if alg == "alg 0":
-        timed["sparse_searched"] = timed["sparse_default"]
-    else:
-        timed.update(time_variants({"sparse_searched": sparse_fn}, calls, repetitions))
+    if alg != "alg 0":
+        runners["sparse_searched"] = runner(sparse_fn, calls)
+    # All variants captured first, then replayed interleaved. (An eager fallback would run with the
+    # algorithm set last; its rows say "eager".)
+    timed = time_runners(runners, calls, repetitions)
+    timed.setdefault("sparse_searched", timed["sparse_default"])
     methods = sorted({t["timing"] for t in timed.values()})
     record = {"dtype": dtype, "what": what, "tokens": tokens, "calls_per_replay": calls, "repetitions": repetitions,
               "dense_us": timed["dense"]["us"], "sparse_default_us": timed["sparse_default"]["us"],

@@ -71,10 +71,14 @@ def test_bad_arguments_name_the_argument(tmp_path, capsys):
     assert not (tmp_path / "header.txt").exists()  # refused before anything is written
 
 
-def test_driver_and_cusparselt_versions():
+def test_driver_and_cusparselt_versions(tmp_path):
     assert gpu_check.cusparselt_version(602) == "0.6.2" and gpu_check.cusparselt_version(701) == "0.7.1"
     assert gpu_check.cusparselt_version(None) == "none"
-    assert gpu_check.driver_version()  # says where it looked even when nothing is found
+    assert gpu_check.driver_version(Path("/nonexistent"))  # says where it looked even when nothing is found
+    for text in ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu Oct 30 2025",
+                 "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder)"):
+        (tmp_path / "version").write_text(text + "\nGCC version: gcc 12\n")
+        assert gpu_check.driver_version(tmp_path / "version") == f"580.159.04 ({tmp_path / 'version'})"
 
 
 def test_its_two_four_rule_is_wandas():
