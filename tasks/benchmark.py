@@ -2,8 +2,9 @@
 
 Skipped (with the reason) when the engine stage was skipped or ``benchmark.enabled`` is false.
 Writes ``benchmark.json`` (a :class:`wanda.export.BenchmarkReport`) and ``trtllm_model/``, the
-config + tokenizer folder ``trtllm-bench --model_path`` reads, in a form the transformers version
-TensorRT-LLM 1.2 pins (4.57) can load (see :mod:`wanda.export.tokenizer_compat`).
+folder ``trtllm-bench --model_path`` reads: config in the engine's dtype, a header-only
+``model.safetensors`` (its parameter count) and a tokenizer the transformers version TensorRT-LLM
+1.2 pins (4.57) can load (see :mod:`wanda.export.tokenizer_compat`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _body(ctx: StageContext) -> StageResult:
                             vocab_size=int(export.summary["vocab_size"]))
     dataset = write_token_dataset(ctx.work / "requests.jsonl", spec)
     engine_dirs = {name: engine.path / rel for name, rel in engine.summary["engines"].items()}
-    model_path = write_trtllm_model_dir(pruned.file("model"), ctx.work / TRTLLM_MODEL)
+    model_path = write_trtllm_model_dir(pruned.file("model"), ctx.work / TRTLLM_MODEL, dtype=export.summary["dtype"])
     report = run_benchmarks(engine_dirs, dataset, ctx.work, model_name="pruned",
                             model_path=model_path, modes=section.modes,
                             runner=ToolRunner(engine.summary.get("container")), warmup=section.warmup,

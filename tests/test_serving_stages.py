@@ -21,6 +21,8 @@ from tasks.params import write_params_file
 from tests import standins
 from tests.pipeline_project import REPO, TINY_OVERRIDES
 from tests.tiny import tiny_model, tiny_tokenizer
+from wanda.export.safetensors_header import read_header
+from wanda.export.tokenizer_compat import write_trtllm_model_dir
 from wanda.model_io import save_model
 
 CHAIN = ("materialize", "calibration", "statistics", "masks", "prune", "export_24")
@@ -88,6 +90,36 @@ def test_standins_refuse_what_the_real_tools_refuse(tools, tmp_path):
     assert run("trtllm-bench", "latency").returncode == 2  # --model is required
 
 
+def test_bench_standin_reads_the_model_folder_as_trtllm_bench_does(tools, tmp_path):
+    """``get_model_config`` runs before anything else in trtllm-bench: a folder with config and
+    tokenizer but no safetensors (what the benchmark stage handed it before) raises there."""
+    save_model(tiny_model(), tiny_tokenizer(), tmp_path / "pruned")
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (old / name).write_bytes((tmp_path / "pruned" / name).read_bytes())
+    (old / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("")
+
+    def bench(model_path):
+        return subprocess.run(["trtllm-bench", "--model", "pruned", "--model_path", str(model_path), "latency",
+                               "--backend", "tensorrt", "--engine_dir", str(tmp_path), "--dataset", str(dataset)],
+                              capture_output=True, text=True)
+
+    proc = bench(old)
+    assert proc.returncode == 1
+    assert f"RuntimeError: '{old}' is not a safetensors repo. Couldn't find 'model.safetensors.index.json' or " \
+           "'model.safetensors' files." in proc.stderr
+    (old / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b'{"w": {"dtype": "F16"}}  ')
+    proc = bench(old)  # a header without shape/data_offsets
+    assert proc.returncode == 1 and "header format not recognized" in proc.stderr
+    new = write_trtllm_model_dir(tmp_path / "pruned", tmp_path / "new", dtype="bfloat16")
+    proc = bench(new)  # gets past the model folder; stops at the (empty) engine folder
+    assert f"dtype bfloat16, {tiny_model().num_parameters()} parameters ({{'BF16': " in proc.stdout, proc.stderr
+    assert "safetensors" not in proc.stderr.replace(str(tmp_path), "")  # past the model folder
+
+
 def test_engine_and_benchmark_stages_through_their_entry_points(exported, tools, monkeypatch):
     import wanda.export.engine as engine_lib
 
@@ -113,8 +145,22 @@ def test_engine_and_benchmark_stages_through_their_entry_points(exported, tools,
     assert bench["status"] == "completed" and bench["summary"]["environment"]["nvidia_smi"] is True
     ttft = {r["metric"]: r for r in bench["summary"]["ratios"]["latency"]["dense"]}["ttft_avg_ms"]
     assert ttft["speedup"] == pytest.approx(1.25)  # the stand-in reports the sparse engine 0.8x the time
-    tokenizer = json.loads((exported / "artifacts" / "benchmark" / "trtllm_model" / "tokenizer_config.json").read_text())
+    trtllm_model = exported / "artifacts" / "benchmark" / "trtllm_model"
+    tokenizer = json.loads((trtllm_model / "tokenizer_config.json").read_text())
     assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # trtllm-bench is handed the engine's dtype (the pruned model is float32) and the pruned model's
+    # tensors, header only, in that dtype.
+    engine_config = json.loads((exported / "artifacts" / "engine" / "engines" / "sparse" / "config.json").read_text())
+    config = json.loads((trtllm_model / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == engine_config["pretrained_config"]["dtype"] == "float16"
+    pruned = exported / "artifacts" / "prune" / "model"
+    assert json.loads((pruned / "config.json").read_text())["dtype"] == "float32"
+    header, original = read_header(trtllm_model / "model.safetensors"), read_header(pruned / "model.safetensors")
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == \
+        {k: v["shape"] for k, v in original.items() if k != "__metadata__"}
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    assert (trtllm_model / "model.safetensors").stat().st_size < 16_384  # no tensor data
+    assert "dtype float16" in (exported / "artifacts" / "benchmark" / "logs" / "bench_latency_sparse.log").read_text()
 
 
 @pytest.mark.integration

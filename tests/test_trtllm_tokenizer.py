@@ -37,7 +37,9 @@ LOAD = textwrap.dedent("""
                         "eos": tok.eos_token_id, "pad": tok.pad_token_id}
         except Exception as exc:
             out[key] = {"error": f"{type(exc).__name__}: {exc}"}
-    out["model_type"] = AutoConfig.from_pretrained(sys.argv[1]).model_type
+    config = AutoConfig.from_pretrained(sys.argv[1]).to_dict()  # what TensorRT-LLM's ModelConfig is built from
+    out["model_type"] = config["model_type"]
+    out["dtype"] = str(config.get("dtype", config.get("torch_dtype")))
     print(json.dumps(out))
 """)
 
@@ -67,14 +69,15 @@ def test_trtllm_bench_tokenizer_loads_under_transformers_4_57(tmp_path):
     save_model(tiny_model(), tiny_tokenizer(), tmp_path / "pruned")  # as the prune stage writes it
     assert json.loads((tmp_path / "pruned" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "TokenizersBackend"  # what transformers 5 writes
-    compat = write_trtllm_model_dir(tmp_path / "pruned", tmp_path / "trtllm_model")
-    assert not list(compat.glob("*.safetensors"))  # config and tokenizer only
+    compat = write_trtllm_model_dir(tmp_path / "pruned", tmp_path / "trtllm_model", dtype="float16")
+    assert [p.name for p in compat.glob("*.safetensors")] == ["model.safetensors"]  # header only
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(python), "-c", LOAD, str(compat), str(tmp_path / "pruned"), json.dumps(TEXTS)],
                           capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["version"] == TRTLLM_TRANSFORMERS and seen["model_type"] == "llama"
+    assert seen["dtype"] == "float16"  # the engine's, not the pruned model's float32
     # The folder transformers 5 saved does not load there: this is what trtllm-bench would hit.
     assert "TokenizersBackend" in seen["original"].get("error", ""), seen["original"]
     ours = tiny_tokenizer()

@@ -1,14 +1,22 @@
 """The model folder handed to ``trtllm-bench``: readable by the transformers TensorRT-LLM 1.2 pins.
 
-``trtllm-bench --model_path DIR`` reads ``DIR/config.json`` and loads the tokenizer with
+``trtllm-bench --model_path DIR`` (TensorRT-LLM 1.2, ``latency`` and ``throughput``) first calls
+``get_model_config(model, DIR)`` (``tensorrt_llm/bench/build/build.py``): ``AutoConfig`` on
+``DIR/config.json`` and the parameter count from the safetensors headers in DIR
+(:mod:`wanda.export.safetensors_header` says what it reads), then loads the tokenizer with
 ``AutoTokenizer.from_pretrained(DIR)`` under transformers 4.57.1 (TensorRT-LLM 1.2's
-requirements.txt pins ``transformers==4.57.1``). A folder saved by transformers 5 says
-``"tokenizer_class": "TokenizersBackend"``, a class 4.57 does not have, so the benchmark would fail
-before it starts. We write a small folder (no weights: the TensorRT backend runs the engine)
-whose ``tokenizer_config.json`` names ``PreTrainedTokenizerFast``, the class that loads
-``tokenizer.json`` exactly as it is in every transformers version (a family class such as
-``LlamaTokenizerFast`` would rebuild the post-processor and could add a BOS token ours does not),
-and which drops the keys only transformers 5 writes.
+requirements.txt pins ``transformers==4.57.1``). So the folder holds:
+
+- ``config.json`` with ``dtype`` (and ``torch_dtype``) set to the *engine's* dtype (float16 or
+  bfloat16), not the float32 the pruned model was saved in;
+- a header-only ``model.safetensors``: the pruned model's tensor names and shapes in that dtype,
+  no data (the TensorRT backend runs the engine; without any safetensors file
+  ``get_safetensors_metadata`` raises "is not a safetensors repo");
+- a tokenizer 4.57 loads: a folder saved by transformers 5 says ``"tokenizer_class":
+  "TokenizersBackend"``, a class 4.57 does not have; ours names ``PreTrainedTokenizerFast``, the
+  class that loads ``tokenizer.json`` exactly as it is in every transformers version (a family
+  class such as ``LlamaTokenizerFast`` would rebuild the post-processor and could add a BOS token
+  ours does not), and drops the keys only transformers 5 writes.
 """
 from __future__ import annotations
 
@@ -18,13 +26,15 @@ import shutil
 from pathlib import Path
 
 from ..atomic import atomic_dir
-from ..errors import WandaError
+from ..errors import ConfigError, WandaError
+from .safetensors_header import SINGLE_FILE, read_tensor_shapes, write_header_only
 
 log = logging.getLogger(__name__)
 
 LEGACY_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "special_tokens_map.json",
-          "chat_template.jinja")
+COPIED = ("generation_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja")
+# The dtypes a TensorRT-LLM 1.2 engine of ours is built in (export_24.dtype).
+ENGINE_DTYPES = ("float16", "bfloat16")
 # tokenizer_config.json keys of transformers 5 that 4.57 does not read or reads differently.
 V5_ONLY_KEYS = ("backend",)
 # Classes transformers 5 writes that do not exist in 4.57.
@@ -49,12 +59,25 @@ def legacy_tokenizer_config(config: dict) -> dict:
     return out
 
 
-def write_trtllm_model_dir(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir``: config, generation config and a 4.57-loadable tokenizer of ``model_dir``."""
+def engine_model_config(config: dict, dtype: str) -> dict:
+    """The model's ``config.json`` with the engine's dtype under both names TensorRT-LLM's
+    ``ModelConfig`` reads (``AliasChoices("dtype", "torch_dtype")``)."""
+    return {**config, "dtype": dtype, "torch_dtype": dtype}
+
+
+def write_trtllm_model_dir(model_dir: str | Path, out_dir: str | Path, *, dtype: str) -> Path:
+    """Write ``out_dir``: config (in the engine's ``dtype``), a header-only ``model.safetensors``,
+    generation config and a 4.57-loadable tokenizer of ``model_dir``."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if dtype not in ENGINE_DTYPES:
+        raise ConfigError("dtype", f"{dtype!r} is not an engine dtype", ", ".join(ENGINE_DTYPES))
     if not (model_dir / "tokenizer.json").is_file():
         raise TokenizerExportError(f"{model_dir} has no tokenizer.json: trtllm-bench needs a fast tokenizer "
                                    "(save the model with its tokenizer)")
+    if not (model_dir / "config.json").is_file():
+        raise TokenizerExportError(f"{model_dir} has no config.json: trtllm-bench reads the model's config")
+    shapes = read_tensor_shapes(model_dir)  # before writing anything: a folder without weights fails here
+    model_config = engine_model_config(json.loads((model_dir / "config.json").read_text()), dtype)
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     legacy = legacy_tokenizer_config(config)
@@ -62,9 +85,13 @@ def write_trtllm_model_dir(model_dir: str | Path, out_dir: str | Path) -> Path:
         for name in COPIED:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        params = write_header_only(tmp / SINGLE_FILE, shapes, dtype)
         (tmp / "tokenizer_config.json").write_text(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
         for path in tmp.iterdir():
             path.chmod(0o644)  # read by trtllm-bench, possibly as another user inside a container
+    log.info("trtllm-bench model folder %s: config dtype %s, header-only %s of %d tensors, %d parameters",
+             out_dir, dtype, SINGLE_FILE, len(shapes), params)
     if legacy.get("tokenizer_class") != config.get("tokenizer_class"):
         log.info("trtllm-bench model folder %s: tokenizer_class %s -> %s (transformers 4.57 of TensorRT-LLM 1.2)",
                  out_dir, config.get("tokenizer_class"), legacy["tokenizer_class"])
