@@ -102,3 +102,34 @@ def test_refusals_name_the_parameter():
         apply_structure(tiny_moe_model("mixtral"), TOKENS, StructureConfig(mlp_channels_removed=0.5))
     with pytest.raises(ConfigError, match="tokens"):
         apply_structure(tiny_moe_model("mixtral"), torch.zeros(4, 3), StructureConfig(experts_removed=0.5))
+
+
+def test_deepseek_groups_keep_equal_sizes(tmp_path):
+    """n_group > 1: the same number of experts leaves every routing group, and the result still
+    equals the masked original (group scores are the two best kept experts of each group)."""
+    from transformers import AutoConfig
+
+    from tests.tiny_moe import _COMMON
+
+    extra = dict(MOE_FAMILIES["deepseek_v3"], n_routed_experts=8, n_group=2, topk_group=1)
+    config = AutoConfig.for_model("deepseek_v3", **{**_COMMON, **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    smaller, report = apply_structure(model, TOKENS, StructureConfig(experts_removed=0.5, expert_saliency="frequency"))
+    for layer in report["experts"].values():
+        assert sum(e < 4 for e in layer["removed"]) == sum(e >= 4 for e in layer["removed"]) == 2
+        group_lowest = lowest(layer["saliency"][:4], 2) + [4 + e for e in lowest(layer["saliency"][4:], 2)]
+        assert layer["removed"] == group_lowest
+    assert smaller.config.n_routed_experts == 4 and smaller.config.n_group == 2
+    smaller.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    removed = {_layer_index(n): layer["removed"] for n, layer in report["experts"].items()}
+    with torch.no_grad(), masked_router(model, removed):
+        expected = model(input_ids=PROBE).logits
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=PROBE).logits, expected, rtol=1e-5, atol=1e-5)

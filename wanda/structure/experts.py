@@ -231,10 +231,11 @@ def remove_experts(model: nn.Module, config: StructureConfig, layers: list[MoeLa
     left = experts - removed_per_layer
     setattr(new_config, count_key, left)
     top_k = getattr(new_config, TOP_K_KEY)
-    if top_k > left:
-        log.warning("structure.experts_removed: %d experts left per layer, fewer than %s=%d: %s set to %d "
-                    "(every token then uses every remaining expert)", left, TOP_K_KEY, top_k, TOP_K_KEY, left)
-        setattr(new_config, TOP_K_KEY, left)
-    if model.config.model_type == "deepseek_v3" and getattr(new_config, "topk_group", 1) > groups:
-        new_config.topk_group = groups
+    # Group-limited routing (DeepSeek-V3) chooses among the experts of its topk_group groups only.
+    reachable = left if groups == 1 else min(left, int(getattr(new_config, "topk_group", groups)) * (left // groups))
+    if top_k > reachable:
+        log.warning("structure.experts_removed: %d experts left per layer (%d reachable per token), fewer than "
+                    "%s=%d: %s set to %d (every token then uses every expert it can reach)", left, reachable,
+                    TOP_K_KEY, top_k, TOP_K_KEY, reachable)
+        setattr(new_config, TOP_K_KEY, reachable)
     return {"config": {count_key: left, TOP_K_KEY: getattr(new_config, TOP_K_KEY)}, "layers": report}
