@@ -133,3 +133,15 @@ def test_deepseek_groups_keep_equal_sizes(tmp_path):
         expected = model(input_ids=PROBE).logits
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=PROBE).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wanda_then_prunes_the_remaining_experts():
+    """Experts removed first, then Wanda per remaining expert (STUN's order), in one process."""
+    from wanda import PruneConfig, prune_model
+
+    smaller, _ = apply_structure(tiny_moe_model("mixtral"), TOKENS, StructureConfig(experts_removed=0.5))
+    masks = prune_model(smaller, TOKENS, PruneConfig(sparsity=0.5))
+    experts = sorted(n for n in masks if "experts" in n)
+    assert experts == sorted(f"model.layers.{i}.mlp.experts.{p}[{e}]" for i in range(2) for e in range(2)
+                             for p in ("gate_up_proj", "down_proj"))
+    assert smaller.model.layers[0].mlp.experts.down_proj.eq(0).float().mean().item() == pytest.approx(0.5)

@@ -38,8 +38,11 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
     """Remove what ``config`` asks from ``model`` (a loaded transformers causal LM).
 
     Returns ``(smaller model, report)``. The smaller model is a new instance of the same class
-    built from the updated config (``model`` itself is left as it was); ``save_pretrained`` of it
-    loads with ``from_pretrained`` as a plain model of the family. With nothing enabled the
+    built from the updated config; ``save_pretrained`` of it loads with ``from_pretrained`` as a
+    plain model of the family. ``model`` keeps its shapes and values, but the tensors structured
+    pruning does not touch (embeddings, norms, unpruned projections) are shared with the result,
+    not copied (a large model is not held twice): treat ``model`` as consumed, or read it only,
+    since pruning the result in place (Wanda after structure) changes those shared tensors too. With nothing enabled the
     same ``model`` object comes back with no forward pass. ``tokens`` ([samples, seqlen] ids) are
     the calibration tokens the saliencies/scores are measured on. The report lists per layer what
     was removed (and, for experts, every expert's saliency and routed token count), the config
