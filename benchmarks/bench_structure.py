@@ -6,7 +6,9 @@ On the embedded SmolLM2-135M (``--model``, default ``/tmp/base/model``): the den
 every MLP's channels removed (``wanda`` and ``flap`` scores), one of its three key/value groups
 removed, and unstructured Wanda 50% (same speed as dense in transformers, for its perplexity).
 Every candidate is timed interleaved with the dense model (dense, candidate, dense, ...), so
-machine load moves both alike; ratios are candidate over dense (above 1 = faster). Prefill: one
+machine load moves both alike; speedups are dense time over candidate time (above 1 = faster),
+by CPU time (``process_time``: what the model costs, robust on a shared machine) and by wall
+time (which also holds waits for other work on the machine). Prefill: one
 forward of ``--prompt`` tokens keeping only the last position's logits (as ``generate`` does);
 decode: ``--decode`` greedy tokens with the KV cache after a short prompt. Perplexity: wikitext-2
 test, ``--ppl-windows`` windows of ``--ppl-seqlen``. Last, a tiny random Mixtral with half its
@@ -27,36 +29,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("bench_structure")
 
 
-def _prefill_s(model, ids) -> float:
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clocks()
+    return wall - start[0], cpu - start[1]
+
+
+def _prefill_s(model, ids) -> tuple[float, float]:
     import torch
 
     with torch.no_grad():
-        start = time.perf_counter()
+        start = _clocks()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        return time.perf_counter() - start
+        return _since(start)
 
 
-def _decode_s(model, ids, new_tokens: int) -> float:
+def _decode_s(model, ids, new_tokens: int) -> tuple[float, float]:
     import torch
 
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        start = _clocks()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - start
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        return _since(start)
 
 
-def _timed_pair(dense, candidate, fn, repetitions: int) -> tuple[float, float]:
-    """Median seconds of ``fn(model)`` for dense and candidate, interleaved (after one warm-up each)."""
+def _timed_pair(dense, candidate, fn, repetitions: int) -> dict[str, float]:
+    """Median wall and CPU seconds of ``fn(model)`` for dense and candidate, interleaved after one
+    warm-up each. CPU time (this process, all threads) is what the model costs; wall time also
+    holds the waits of a machine shared with other work."""
     fn(dense), fn(candidate)
-    times: dict[str, list[float]] = {"dense": [], "candidate": []}
+    times: dict[str, list[tuple[float, float]]] = {"dense": [], "candidate": []}
     for _ in range(repetitions):
         times["dense"].append(fn(dense))
         times["candidate"].append(fn(candidate))
-    return statistics.median(times["dense"]), statistics.median(times["candidate"])
+    return {f"{who}_{clock}": statistics.median(t[i] for t in times[who])
+            for who in times for i, clock in enumerate(("wall", "cpu"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-seqlen", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--ppl-seqlen", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: CPU time per token is then not inflated by waits between threads)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench_structure.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -79,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.offline import apply_offline_env
 
     apply_offline_env()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     from wanda import PruneConfig, prune_model
     from wanda.atomic import write_json
     from wanda.calibration import CalibrationConfig, sample_calibration
@@ -111,15 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, config in candidates.items():
         smaller, report = apply_structure(dense, calib.tokens, config)
-        d_pre, c_pre = _timed_pair(dense, smaller, lambda m: _prefill_s(m, prompt), args.repetitions)
-        d_dec, c_dec = _timed_pair(dense, smaller, lambda m: _decode_s(m, short, args.decode), args.repetitions)
+        pre = _timed_pair(dense, smaller, lambda m: _prefill_s(m, prompt), args.repetitions)
+        dec = _timed_pair(dense, smaller, lambda m: _decode_s(m, short, args.decode), args.repetitions)
         results[name] = {
             "params": report["params_after"], "param_reduction": report["param_reduction"],
             "config_changes": report["config_changes"], "perplexity": ppl(smaller),
-            "prefill_tokens_per_s": round(args.prompt / c_pre, 1), "dense_prefill_tokens_per_s": round(args.prompt / d_pre, 1),
-            "prefill_speedup": round(d_pre / c_pre, 3),
-            "decode_tokens_per_s": round(args.decode / c_dec, 1), "dense_decode_tokens_per_s": round(args.decode / d_dec, 1),
-            "decode_speedup": round(d_dec / c_dec, 3),
+            "prefill_tokens_per_cpu_s": round(args.prompt / pre["candidate_cpu"], 1),
+            "dense_prefill_tokens_per_cpu_s": round(args.prompt / pre["dense_cpu"], 1),
+            "prefill_speedup_cpu": round(pre["dense_cpu"] / pre["candidate_cpu"], 3),
+            "prefill_speedup_wall": round(pre["dense_wall"] / pre["candidate_wall"], 3),
+            "decode_tokens_per_cpu_s": round(args.decode / dec["candidate_cpu"], 1),
+            "dense_decode_tokens_per_cpu_s": round(args.decode / dec["dense_cpu"], 1),
+            "decode_speedup_cpu": round(dec["dense_cpu"] / dec["candidate_cpu"], 3),
+            "decode_speedup_wall": round(dec["dense_wall"] / dec["candidate_wall"], 3),
         }
         log.info("%s: %s", name, json.dumps(results[name]))
         del smaller

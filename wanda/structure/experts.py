@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..experts import expert_containers, expert_intermediate, expert_param_names
 from .config import StructureConfig
+from .rebuild import select
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,10 @@ class SaliencyObserver:
                     continue
                 g = gates[tokens, slots]
                 norms = expert_output(module, expert, hidden[tokens]).double().norm(dim=-1)
+                # Python floats: the accumulators stay on CPU whatever device the model runs on.
                 layer.count[expert] += tokens.numel()
-                layer.gate_sum[expert] += g.sum()
-                layer.reap_sum[expert] += (g * norms).sum()
+                layer.gate_sum[expert] += float(g.sum())
+                layer.reap_sum[expert] += float((g * norms).sum())
 
         return hook
 
@@ -218,11 +220,11 @@ def remove_experts(model: nn.Module, config: StructureConfig, layers: list[MoeLa
                 [f"{p}_bias" for p in expert_param_names(layer.container)]
                 if getattr(layer.container, "has_bias", False) else []):
             key = f"{layer.container_name}.{param}"
-            state[key] = state[key].index_select(0, keep).contiguous()
+            state[key] = select(state[key], 0, keep)
         for tensor in ROUTER_EXPERT_TENSORS:
             key = f"{layer.router_name}.{tensor}"
             if key in state:
-                state[key] = state[key].index_select(0, keep).contiguous()
+                state[key] = select(state[key], 0, keep)
         report[layer.container_name] = {
             "removed": removed, "kept": kept,
             "saliency": [round(float(v), 8) for v in saliency],

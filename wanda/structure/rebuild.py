@@ -19,6 +19,11 @@ from ..errors import UnsupportedArchitectureError
 log = logging.getLogger(__name__)
 
 
+def select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """The kept slices along ``dim``, as a new contiguous tensor on the tensor's own device."""
+    return tensor.index_select(dim, index.to(tensor.device)).contiguous()
+
+
 def parameter_count(model: nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -26,6 +26,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..experts import expert_containers, is_conv1d
 from ..statistics import ChannelStats
 from .config import StructureConfig
+from .rebuild import select
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class InputStatistics:
 
 def channel_scores(weight: torch.Tensor, stats: ChannelStats, score: str) -> torch.Tensor:
     """Per input channel of ``weight [out, in]`` (float64)."""
-    w = weight.detach().double()
+    w = weight.detach().to("cpu", torch.float64)
     if score == "flap":
         return stats.variance().double() * w.pow(2).sum(0)
     return (w.abs() * stats.norm().double()[None, :]).mean(0)
@@ -138,7 +139,7 @@ def lowest(scores: torch.Tensor, n: int) -> list[int]:
 def compensation(weight: torch.Tensor, stats: ChannelStats, removed_channels: list[int]) -> torch.Tensor:
     """``W[:, removed] @ mean(X[removed])``: the removed channels' mean contribution to the output."""
     idx = torch.tensor(removed_channels, dtype=torch.long)
-    return weight.detach().double()[:, idx] @ stats.mean().double()[idx]
+    return weight.detach().to("cpu", torch.float64)[:, idx] @ stats.mean().double()[idx]
 
 
 def _channels_of_groups(groups: list[int], layout: HeadLayout) -> list[int]:
@@ -175,10 +176,10 @@ def plan_and_slice(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, fa
             for rel in family.mlp_in:
                 key = f"{prefix}.{rel}"
                 # Conv1D stores [in, out]: intermediate channels are its columns.
-                state[f"{key}.weight"] = state[f"{key}.weight"].index_select(1 if conv else 0, keep).contiguous()
+                state[f"{key}.weight"] = select(state[f"{key}.weight"], 1 if conv else 0, keep)
                 if f"{key}.bias" in state:
-                    state[f"{key}.bias"] = state[f"{key}.bias"].index_select(0, keep).contiguous()
-            state[f"{name}.weight"] = state[f"{name}.weight"].index_select(0 if conv else 1, keep).contiguous()
+                    state[f"{key}.bias"] = select(state[f"{key}.bias"], 0, keep)
+            state[f"{name}.weight"] = select(state[f"{name}.weight"], 0 if conv else 1, keep)
             if config.compensates:
                 _add_bias(state, name, compensation(weight, stats[name], removed))
             entry["mlp_channels_removed"] = removed
@@ -196,10 +197,10 @@ def plan_and_slice(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, fa
             kv_rows = _rows(kept, layout.head_dim)
             for rel, rows in ((q, q_rows), (k, kv_rows), (v, kv_rows)):
                 key = f"{prefix}.{rel}"
-                state[f"{key}.weight"] = state[f"{key}.weight"].index_select(0, rows).contiguous()
+                state[f"{key}.weight"] = select(state[f"{key}.weight"], 0, rows)
                 if f"{key}.bias" in state:
-                    state[f"{key}.bias"] = state[f"{key}.bias"].index_select(0, rows).contiguous()
-            state[f"{name}.weight"] = state[f"{name}.weight"].index_select(1, q_rows).contiguous()
+                    state[f"{key}.bias"] = select(state[f"{key}.bias"], 0, rows)
+            state[f"{name}.weight"] = select(state[f"{name}.weight"], 1, q_rows)
             if config.compensates:
                 _add_bias(state, name, compensation(weight, stats[name], _channels_of_groups(removed, layout)))
             entry["kv_groups_removed"] = removed
@@ -221,8 +222,9 @@ def plan_and_slice(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, fa
 def _add_bias(state: dict[str, torch.Tensor], name: str, delta: torch.Tensor) -> None:
     key = f"{name}.bias"
     dtype = state[f"{name}.weight"].dtype
-    current = state[key].double() if key in state else torch.zeros(delta.shape, dtype=torch.float64)
-    state[key] = (current + delta).to(dtype)
+    device = state[f"{name}.weight"].device
+    current = state[key].to("cpu", torch.float64) if key in state else torch.zeros(delta.shape, dtype=torch.float64)
+    state[key] = (current + delta).to(device, dtype)
 
 
 def enable_bias(model: nn.Module, family: WidthFamily, config: StructureConfig, new_config) -> tuple[str, ...]:
