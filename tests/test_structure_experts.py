@@ -145,3 +145,12 @@ def test_wanda_then_prunes_the_remaining_experts():
     assert experts == sorted(f"model.layers.{i}.mlp.experts.{p}[{e}]" for i in range(2) for e in range(2)
                              for p in ("gate_up_proj", "down_proj"))
     assert smaller.model.layers[0].mlp.experts.down_proj.eq(0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_float64_moe_result_runs():
+    """grouped_mm has no float64 kernel: the rebuilt model is switched off it like the original."""
+    smaller, report = apply_structure(tiny_moe_model("qwen3_moe", dtype=torch.float64), TOKENS,
+                                      StructureConfig(experts_removed=0.25))
+    assert report["config_changes"] == {"num_experts": 3, "num_experts_per_tok": 2}
+    with torch.no_grad():
+        assert smaller(input_ids=PROBE).logits.dtype == torch.float64

@@ -126,6 +126,8 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
         report.update(params_after=before, param_reduction=0.0, config_changes={})
         return model, report
     smaller = rebuild(model, new_config, state, zero_fill)
+    if moe_layers:
+        usable_experts_implementation(smaller)  # float64 experts: off grouped_mm, as for the original
     after = parameter_count(smaller)
     report.update(params_after=after, param_reduction=round(1 - after / before, 8), config_changes=changes)
     log.info("structure: %s -> %s parameters (%.2f%% fewer); config %s", before, after,
