@@ -127,3 +127,15 @@ def test_refusals_name_the_parameter():
     with pytest.raises(UnsupportedArchitectureError, match="'opt' is not supported for width pruning"):
         apply_structure(AutoModelForCausalLM.from_config(tiny_config("opt")), TOKENS,
                         StructureConfig(mlp_channels_removed=0.5))
+
+
+def test_fraction_rounding_to_nothing_warns_and_changes_nothing(caplog):
+    import logging
+
+    model = tiny_dense("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with caplog.at_level(logging.WARNING, logger="wanda.structure"):
+        same, report = apply_structure(model, TOKENS, StructureConfig(mlp_channels_removed=0.005, width_score="flap"))
+    assert same is model and not calls and report["config_changes"] == {}
+    assert "removes no channel of 96" in caplog.text

@@ -75,6 +75,9 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
             raise ConfigError("structure", "experts_removed and width pruning together: width pruning is for dense "
                               "models only", "experts_removed alone on MoE models")
         removed_per_layer, groups = _experts.plan_count(model, config, moe_layers[0].num_experts)
+        if not removed_per_layer:  # rounded down to nothing (warned): no forward pass either
+            report.update(params_after=before, param_reduction=0.0, config_changes={})
+            return model, report
     elif expert_containers(model):
         raise UnsupportedArchitectureError(f"structure: width pruning is for dense models; "
                                            f"{report['model_type']!r} has experts (use structure.experts_removed)")
@@ -84,6 +87,9 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
         family = _width.width_family(model, config)
         if config.kv_groups_removed:
             _width.head_layout(model, config)
+        elif not _width.mlp_channels_to_remove(blocks, family, config):  # rounded down to nothing (warned)
+            report.update(params_after=before, param_reduction=0.0, config_changes={})
+            return model, report
         if config.compensates:
             if _width.enable_bias(model, family, config, new_config):
                 zero_fill = (".bias",)
@@ -96,11 +102,7 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
             with _experts.SaliencyObserver(moe_layers):
                 _calibrate(model, tokens, batch_size)
             state = {k: v for k, v in model.state_dict().items()}
-            if removed_per_layer:
-                detail = _experts.remove_experts(model, config, moe_layers, removed_per_layer, groups, state,
-                                                 new_config)
-            else:
-                detail = {"config": {}, "layers": {}}
+            detail = _experts.remove_experts(model, config, moe_layers, removed_per_layer, groups, state, new_config)
             report["experts"] = detail["layers"]
             changes.update(detail["config"])
         else:

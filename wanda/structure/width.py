@@ -151,6 +151,16 @@ def _rows(units: list[int], size: int) -> torch.Tensor:
     return torch.tensor([u * size + c for u in units for c in range(size)], dtype=torch.long)
 
 
+def mlp_channels_to_remove(blocks: nn.ModuleList, family: WidthFamily, config: StructureConfig) -> int:
+    """Channels removed from every MLP: the fraction of the intermediate size, rounded down."""
+    intermediate = out_weight(blocks[0].get_submodule(family.mlp_out)).shape[1]
+    n_channels = int(config.mlp_channels_removed * intermediate + 1e-9)
+    if config.mlp_channels_removed and n_channels == 0:
+        log.warning("structure.mlp_channels_removed=%s removes no channel of %d: MLPs unchanged",
+                    config.mlp_channels_removed, intermediate)
+    return n_channels
+
+
 def plan_and_slice(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, family: WidthFamily,
                    config: StructureConfig, stats: dict[str, ChannelStats], state: dict[str, torch.Tensor],
                    new_config) -> dict:
@@ -158,10 +168,7 @@ def plan_and_slice(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, fa
     report: dict[str, dict] = {}
     conv = is_conv1d(blocks[0].get_submodule(family.mlp_out))
     intermediate = out_weight(blocks[0].get_submodule(family.mlp_out)).shape[1]
-    n_channels = int(config.mlp_channels_removed * intermediate + 1e-9)
-    if config.mlp_channels_removed and n_channels == 0:
-        log.warning("structure.mlp_channels_removed=%s removes no channel of %d: MLPs unchanged",
-                    config.mlp_channels_removed, intermediate)
+    n_channels = mlp_channels_to_remove(blocks, family, config)
     layout = head_layout(model, config) if config.kv_groups_removed else None
     for index, block in enumerate(blocks):
         prefix = f"{blocks_path}.{index}"
@@ -235,7 +242,8 @@ def enable_bias(model: nn.Module, family: WidthFamily, config: StructureConfig, 
         return ()
     block = _first_block(model)
     needed = []
-    if config.mlp_channels_removed and getattr(block.get_submodule(family.mlp_out), "bias", None) is None:
+    if mlp_channels_to_remove(_blocks(model), family, config) and \
+            getattr(block.get_submodule(family.mlp_out), "bias", None) is None:
         needed.append((MLP_BIAS_KEY, family.mlp_out))
     if config.kv_groups_removed and getattr(block.get_submodule(family.attn[3]), "bias", None) is None:  # type: ignore[index]
         needed.append((ATTN_BIAS_KEY, family.attn[3]))  # type: ignore[index]
@@ -264,7 +272,11 @@ def _refuse(model: nn.Module, module: str, key: str) -> None:
         f"add one ({key!r} does not); use width_score 'wanda' or bias_compensation false")
 
 
-def _first_block(model: nn.Module) -> nn.Module:
+def _blocks(model: nn.Module) -> nn.ModuleList:
     from ..architecture import find_blocks
 
-    return find_blocks(model)[1][0]
+    return find_blocks(model)[1]
+
+
+def _first_block(model: nn.Module) -> nn.Module:
+    return _blocks(model)[0]
