@@ -42,8 +42,9 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor | None, config: Struc
     plain model of the family. ``model`` keeps its shapes and values, but the tensors structured
     pruning does not touch (embeddings, norms, unpruned projections) are shared with the result,
     not copied (a large model is not held twice): treat ``model`` as consumed, or read it only,
-    since pruning the result in place (Wanda after structure) changes those shared tensors too. With nothing enabled the
-    same ``model`` object comes back with no forward pass. ``tokens`` ([samples, seqlen] ids) are
+    since pruning the result in place (Wanda after structure) changes those shared tensors too.
+    With nothing to remove (all off, or fractions that round down to nothing) the same ``model``
+    object comes back with no forward pass. ``tokens`` ([samples, seqlen] ids) are
     the calibration tokens the saliencies/scores are measured on. The report lists per layer what
     was removed (and, for experts, every expert's saliency and routed token count), the config
     changes and the parameter counts before and after.
