@@ -126,7 +126,9 @@ class PruneConfig(BaseModel):
     # --- selection among equal scores ---
     # "stable": ties go to the lower input index (a stable sort; the default, results as before).
     # "topk": the reference code's own calls (N:M: torch.topk(..., largest=False) per group of M
-    # columns; unstructured: its stable sort), so masks reproduce the reference's bit for bit.
+    # columns; unstructured: its stable sort) on the reference's own score arithmetic (Wanda: its
+    # float32 running scaler_row, collected per sample; the rounding decides near-equal scores),
+    # so masks reproduce the reference's bit for bit.
     tie_break: Literal["stable", "topk"] = "stable"
 
     @model_validator(mode="after")

@@ -131,13 +131,14 @@ class ExpertRecord:
 def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner: Pruner | None = None,
                 tokens: torch.Tensor | None = None, batch_size: int = 8, stats: ActivationStatistics | None = None,
                 offload_dir: str | None = None, progress: Progress | None = None, write: bool = True,
-                experts: ExpertRecord | None = None) -> None:
+                experts: ExpertRecord | None = None, reference_scaler: bool = False) -> None:
     """Visit every block of ``source``; observe when ``tokens`` are given, prune with ``pruner``.
 
     ``write=False`` keeps a streamed source's block writer from seeing this walk's blocks (a dense
     pre-pass changes nothing). ``experts`` gives the expert policy and receives the routed token
     counts and fallbacks (the observers see the routing; the policy fixes starved experts'
-    statistics after the block is observed and before it is pruned).
+    statistics after the block is observed and before it is pruned). ``reference_scaler`` also
+    accumulates the reference's running ``scaler_row`` per calibration sample (``tie_break: topk``).
     """
     experts = experts if experts is not None else ExpertRecord()
     observing = tokens is not None
@@ -156,7 +157,8 @@ def walk_blocks(model: nn.Module, source, targets: list[list[Target]], *, pruner
                 hessians = None
                 if observing:
                     outputs = hidden.sibling()
-                    channels = StatisticsCollector({n: w.shape[1] for n, w in weights.items()}, stats)
+                    channels = StatisticsCollector({n: w.shape[1] for n, w in weights.items()}, stats,
+                                                   reference_seqlen=tokens.shape[1] if reference_scaler else None)
                     sinks = [channels]
                     if hessian_method:
                         hessians = HessianCollector(weights, offload=pruner.config.sparsegpt_offload)

@@ -181,6 +181,9 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] 
 
     ``tie_break`` ``"stable"``: among equal scores the lower input index is pruned first;
     ``"topk"``: the reference's own calls (``nm_mask_topk``, ``unstructured_row_mask_sort``).
+    They select what the reference selects only from bit-equal scores: near-equal scores order by
+    their float32 rounding, so the Wanda method computes them with the reference's arithmetic
+    under ``topk`` (``wanda.methods.wanda.reference_wanda_score``).
     """
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity (non-finite weights or activation statistics)")

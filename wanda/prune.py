@@ -117,6 +117,7 @@ def collect_statistics(
     blocks=None,
     offload_dir: str | None = None,
     expert_policy: ExpertPolicy | None = None,
+    reference_scaler: bool = False,
 ) -> ActivationStatistics:
     """One-pass statistics: every target layer's input statistics from the dense model, block by block.
 
@@ -127,13 +128,16 @@ def collect_statistics(
     between blocks in files there instead of memory. ``expert_policy`` decides which tokens an
     expert's statistics see and how starved experts fall back; the statistics' metadata records it
     with the routed tokens per expert (masks computed from them must ask for the same policy).
+    ``reference_scaler`` also keeps the reference's own running ``scaler_row`` per layer, which
+    ``tie_break: topk`` scores use to reproduce the reference's masks bit for bit.
     """
     _, per_block = _plan(model, targets, ignore)
     validate_calibration_tokens(model, calib_ids)
     stats = ActivationStatistics(metadata={"mode": "one_pass", "model_type": model_type(model)})
     record = ExpertRecord(expert_policy or ExpertPolicy())
     walk_blocks(model, blocks or ResidentBlocks(model), per_block, tokens=calib_ids, batch_size=batch_size,
-                stats=stats, offload_dir=offload_dir, progress=progress, experts=record)
+                stats=stats, offload_dir=offload_dir, progress=progress, experts=record,
+                reference_scaler=reference_scaler)
     stats.metadata.update(record.metadata())
     return stats
 
@@ -263,7 +267,8 @@ def prune_model(
     validate_calibration_tokens(model, calib_ids)
     stats = statistics_out if statistics_out is not None else ActivationStatistics()
     stats.metadata.update({"mode": config.mode, "model_type": model_type(model)})
-    walk = dict(tokens=calib_ids, batch_size=config.batch_size, offload_dir=offload_dir)
+    walk = dict(tokens=calib_ids, batch_size=config.batch_size, offload_dir=offload_dir,
+                reference_scaler=config.tie_break == "topk")
     experts = ExpertRecord(config.expert_policy)
     if config.mode == "one_pass":
         walk_blocks(model, source, per_block, stats=stats, progress=progress, experts=experts, **walk)
