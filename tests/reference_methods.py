@@ -221,8 +221,10 @@ def ref_sparsegpt(weight, hessian, sparsity, nm=None, blocksize=128, damp=0.01):
 
 @torch.no_grad()
 def reference_prune(model, tokens, method="wanda", sparsity=0.5, nm=None, sequential=True, scope="row",
-                    owl=None, variant=False, dsnot=None, ria_alpha=0.5, permute=False, blocksize=128, damp=0.01):
-    """Prune a LLaMA-style ``model`` in place the naive way; return masks (and permutations)."""
+                    owl=None, variant=False, dsnot=None, ria_alpha=0.5, permute=False, blocksize=128, damp=0.01,
+                    only=None):
+    """Prune a LLaMA-style ``model`` in place the naive way; return masks (and permutations).
+    ``only``: names of the block's linear layers to prune (e.g. ``("self_attn.k_proj",)``); all by default."""
     layers = model.model.layers
     inputs, kwargs = first_block_inputs(model, tokens)
 
@@ -231,7 +233,8 @@ def reference_prune(model, tokens, method="wanda", sparsity=0.5, nm=None, sequen
         return [o[0] if isinstance(o, tuple) else o for o in outs]
 
     def collect(layer, source):
-        linears = {n: mod for n, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+        linears = {n: mod for n, mod in layer.named_modules()
+                   if isinstance(mod, nn.Linear) and (only is None or n in only)}
         acc = {n: {"scaler": torch.zeros(mod.in_features, dtype=torch.float64), "seen": 0,
                    "sum": torch.zeros(mod.in_features, dtype=torch.float64),
                    "sumsq": torch.zeros(mod.in_features, dtype=torch.float64), "tokens": 0,
