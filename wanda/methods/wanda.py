@@ -1,10 +1,14 @@
 """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, the lowest of each row pruned."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..statistics import ChannelStats
 from .base import ScoreMethod, register
+
+if TYPE_CHECKING:  # annotations only: registering the method imports no torch
+    import torch
+
+    from ..statistics import ChannelStats
 
 
 def check_channels(weight: torch.Tensor, stats: ChannelStats) -> None:
