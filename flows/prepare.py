@@ -151,7 +151,7 @@ def _read_model_config(path: Path) -> dict:
 
 
 def _context_length(config: dict) -> int | None:
-    from wanda.evaluation.perplexity import CONTEXT_ATTRS
+    from wanda.evaluation.perplexity_config import CONTEXT_ATTRS
 
     for section in (config, config.get("text_config") or {}):
         for attr in CONTEXT_ATTRS:
@@ -266,7 +266,7 @@ def _calibration_text_changed(root: Path, params: PipelineParams, manifest: dict
 def _evaluation_text_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
     import json
 
-    from wanda.evaluation.perplexity import source_digest
+    from wanda.evaluation.perplexity_config import source_digest
 
     if params.evaluate.perplexity is None:
         return None
