@@ -104,7 +104,8 @@ def test_skipped_stages_import_no_torch(tmp_path):
         out = subprocess.run([sys.executable, "-X", "importtime", "-m", f"tasks.{stage}", "--root", str(tmp_path)],
                              cwd=REPO, env=_env(), capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
-        imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+        imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                    if line.startswith("import time:")}
         assert imported, "no -X importtime lines: the check would pass vacuously"
         assert not imported & set(HEAVY), f"{stage} imported {sorted(imported & set(HEAVY))}"
         manifest = json.loads((tmp_path / "artifacts" / stage / "manifest.json").read_text())

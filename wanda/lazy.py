@@ -22,7 +22,8 @@ import types
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package`` that import ``exports`` (relative module ->
     names) on first access. Other attribute names that are submodules of the package are
     imported too (``import wanda; wanda.masks`` keeps working)."""
