@@ -122,6 +122,8 @@ def _preflight(params: PipelineParams, root: Path) -> list[str]:
     return warnings
 
 
+# The code of the checks a remembered pass skips: a change to any of them checks again.
+_CHECK_CODE = ("flows/prepare.py", "wanda/architecture.py", "wanda/calibration.py", "wanda/data.py")
 # Files of a model folder the tokenizer and config checks do not read (weights).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -129,8 +131,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", 
 def _model_checks_key(params: PipelineParams, model_dir: Path) -> str | None:
     """One digest of everything the transformers-based checks read: the model folder's files but
     its weights (config, tokenizer), the transformers/tokenizers versions, the calibration and
-    evaluation texts' digests and the fields the checks use. None when it cannot be computed (a
-    missing text): then the checks run and name the problem."""
+    evaluation texts' digests and the fields the checks use, and the code of the checks
+    themselves. None when it cannot be computed (a missing text): then the checks run and name
+    the problem."""
     import hashlib
     import json
     from importlib.metadata import version
@@ -142,7 +145,9 @@ def _model_checks_key(params: PipelineParams, model_dir: Path) -> str | None:
         files = {path.name: sha256_file(path) for path in sorted(model_dir.iterdir())
                  if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES)}
         calibration, _ = params.calibration.resolve()
-        parts: dict = {"files": files, "transformers": version("transformers"), "tokenizers": version("tokenizers"),
+        code = [sha256_file(Path(__file__).resolve().parent.parent / rel) for rel in _CHECK_CODE]
+        parts: dict = {"files": files, "code": code, "transformers": version("transformers"),
+                       "tokenizers": version("tokenizers"),
                        "calibration": [load_text(calibration.source).digest, calibration.seqlen, calibration.sampler]}
         if params.evaluate.perplexity is not None:
             ppl, _ = params.evaluate.perplexity.resolve()

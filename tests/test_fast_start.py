@@ -110,3 +110,27 @@ def test_skipped_stages_import_no_torch(tmp_path):
         assert not imported & set(HEAVY), f"{stage} imported {sorted(imported & set(HEAVY))}"
         manifest = json.loads((tmp_path / "artifacts" / stage / "manifest.json").read_text())
         assert manifest["status"] == "skipped", manifest
+
+
+def test_preflight_remembers_passed_model_checks_by_content(tmp_path):
+    """A cached run's pre-flight skips the tokenizer and model-config checks (transformers, torch)
+    it passed before on the same bytes, and runs them again when a text they read changes."""
+    from tests.pipeline_project import make_project
+
+    root = make_project(tmp_path / "p")
+    probe = ("import sys\nfrom pathlib import Path\nfrom flows.prepare import preflight\n"
+             "from tasks.params import load_params\nroot = Path('.').resolve()\n"
+             "preflight(load_params(root / 'params.yaml'), root)\nprint('transformers' in sys.modules)")
+
+    def checked() -> bool:  # whether this pre-flight loaded the tokenizer
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=_env(), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip().splitlines()[-1] == "True"
+
+    assert checked()  # first time: the checks run
+    assert (root / ".cache" / "wanda-preflight.json").is_file()
+    assert not checked()  # same bytes: remembered
+    text = root / "fixtures" / "calib.txt"
+    text.write_text(text.read_text() + " w1 w2")
+    assert checked()  # the calibration text changed: checked again
+    assert not checked()
