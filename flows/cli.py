@@ -132,9 +132,9 @@ def _check_targets(targets: list[str] | None) -> None:
 
 
 def cmd_run(args) -> int:
-    from flows.pipeline import prune_pipeline
-
     _validate_first(args)
+    from flows.pipeline import prune_pipeline  # Prefect: seconds of imports, after the parameters are checked
+
     result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo, force=args.force,
                             run_cache=not args.no_run_cache, targets=args.target, track=not args.no_track,
                             release=args.release)
@@ -157,9 +157,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from flows.sweep import sweep
-
     _validate_first(args)
+    from flows.sweep import sweep  # Prefect: seconds of imports, after the parameters are checked
+
     result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
                    repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
     if args.json:

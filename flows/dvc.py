@@ -275,9 +275,22 @@ def dag(root: Path, fmt: str | None = None, target: str | None = None) -> str:
     return capture(args, root)
 
 
+_LOCKS: dict[tuple[str, str], dict] = {}
+
+
 def read_lock(path: Path) -> dict:
+    """A lock file's contents, parsed once per process for as long as its bytes are the same
+    (a pure-Python YAML parse of a lock file takes a good part of a second; ``status`` reads
+    it once per stage); callers get their own copy."""
+    import copy
+    import hashlib
+
     from tasks.params import _yaml
 
     if not path.is_file():
         return {}
-    return _yaml().load(path.read_text(encoding="utf-8")) or {}
+    data = path.read_bytes()
+    key = (str(path.resolve()), hashlib.sha256(data).hexdigest())
+    if key not in _LOCKS:
+        _LOCKS[key] = _yaml().load(data.decode("utf-8")) or {}
+    return copy.deepcopy(_LOCKS[key])

@@ -73,10 +73,10 @@ def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
     stages; so are the checks.
     """
     with contextlib.chdir(root or Path.cwd()):
-        return _preflight(params)
+        return _preflight(params, Path.cwd())
 
 
-def _preflight(params: PipelineParams) -> list[str]:
+def _preflight(params: PipelineParams, root: Path) -> list[str]:
     from wanda.data import check_text_file
     from wanda.model_io import resolve_source
 
@@ -84,8 +84,11 @@ def _preflight(params: PipelineParams) -> list[str]:
     source = resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
     model_dir = _model_config_dir(params, source)
     context = _context_length(_read_model_config(model_dir / "config.json")) if model_dir else None
-    tokenizer = _tokenizer(model_dir) if model_dir else None
-    if model_dir:  # encoders and encoder-decoders are refused from config.json alone
+    # The checks that need transformers (and so torch: seconds of imports) run once per content.
+    passed = _PassedChecks(root, _model_checks_key(params, model_dir)) if model_dir else None
+    model_checks = passed is not None and not passed.seen()
+    tokenizer = _tokenizer(model_dir) if model_checks else None
+    if model_checks:  # encoders and encoder-decoders are refused from config.json alone
         from wanda.architecture import check_source_decoder_only
 
         check_source_decoder_only(str(model_dir))
@@ -114,7 +117,88 @@ def _preflight(params: PipelineParams) -> list[str]:
         if not torch.cuda.is_available():
             raise ConfigError("runtime.device", f"{params.runtime.device} requested but no CUDA device is visible",
                               "cpu")
+    if model_checks:
+        passed.record()
     return warnings
+
+
+# The code of the checks a remembered pass skips: a change to any of them checks again.
+_CHECK_CODE = ("flows/prepare.py", "wanda/architecture.py", "wanda/calibration.py", "wanda/data.py")
+# Files of a model folder the tokenizer and config checks do not read (weights).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def _model_checks_key(params: PipelineParams, model_dir: Path) -> str | None:
+    """One digest of everything the transformers-based checks read: the model folder's files but
+    its weights (config, tokenizer), the transformers/tokenizers versions, the calibration and
+    evaluation texts' digests and the fields the checks use, and the code of the checks
+    themselves. None when it cannot be computed (a missing text): then the checks run and name
+    the problem."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from wanda.data import load_text
+    from wanda.hashing import sha256_file
+
+    try:
+        files = {path.name: sha256_file(path) for path in sorted(model_dir.iterdir())
+                 if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES)}
+        calibration, _ = params.calibration.resolve()
+        code = [sha256_file(Path(__file__).resolve().parent.parent / rel) for rel in _CHECK_CODE]
+        parts: dict = {"files": files, "code": code, "transformers": version("transformers"),
+                       "tokenizers": version("tokenizers"),
+                       "calibration": [load_text(calibration.source).digest, calibration.seqlen, calibration.sampler]}
+        if params.evaluate.perplexity is not None:
+            ppl, _ = params.evaluate.perplexity.resolve()
+            parts["perplexity"] = [load_text(ppl.source).digest, ppl.seqlen]
+    except Exception as exc:  # the checks themselves report what is wrong
+        log.debug("preflight: no key for the model checks (%s: %s); running them", type(exc).__name__, exc)
+        return None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class _PassedChecks:
+    """Keys of model checks that passed in this workspace (``.cache/wanda-preflight.json``,
+    git-ignored): the same bytes and fields give the same verdict, so a cached run does not load
+    the tokenizer (transformers, torch) again."""
+
+    FILE = Path(".cache") / "wanda-preflight.json"
+    KEPT = 32
+
+    def __init__(self, root: Path, key: str | None):
+        self.path, self.key = root / self.FILE, key
+
+    def _keys(self) -> list[str]:
+        import json
+
+        try:
+            keys = json.loads(self.path.read_text(encoding="utf-8")).get("passed", [])
+            return [k for k in keys if isinstance(k, str)]
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def seen(self) -> bool:
+        if self.key is not None and self.key in self._keys():
+            log.debug("preflight: tokenizer and model config checks passed before on the same bytes (%s)",
+                      self.key[:12])
+            return True
+        return False
+
+    def record(self) -> None:
+        import json
+
+        from wanda.atomic import atomic_file
+
+        if self.key is None:
+            return
+        keys = [k for k in self._keys() if k != self.key][-(self.KEPT - 1):] + [self.key]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.path, "w") as handle:
+                handle.write(json.dumps({"passed": keys}, indent=1) + "\n")
+        except OSError as exc:  # a read-only workspace checks again next time; nothing else changes
+            log.warning("preflight: cannot record passed checks in %s: %s", self.path, exc)
 
 
 # Texts up to this size are tokenized in the preflight (about a second); longer ones hold far
@@ -151,7 +235,7 @@ def _read_model_config(path: Path) -> dict:
 
 
 def _context_length(config: dict) -> int | None:
-    from wanda.evaluation.perplexity import CONTEXT_ATTRS
+    from wanda.evaluation.perplexity_config import CONTEXT_ATTRS
 
     for section in (config, config.get("text_config") or {}):
         for attr in CONTEXT_ATTRS:
@@ -266,7 +350,7 @@ def _calibration_text_changed(root: Path, params: PipelineParams, manifest: dict
 def _evaluation_text_changed(root: Path, params: PipelineParams, manifest: dict) -> str | None:
     import json
 
-    from wanda.evaluation.perplexity import source_digest
+    from wanda.evaluation.perplexity_config import source_digest
 
     if params.evaluate.perplexity is None:
         return None

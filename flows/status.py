@@ -123,7 +123,7 @@ def pipeline_status(repo: str | Path = ".") -> list[StageState]:
     status = dvc.status(root)
     locks = _lock_entries(root)
     addresses = _addresses(root)
-    code = set(graph.code_files(graph.order())) | set(graph.SWEEP_REPORT.code_files)
+    code: set[str] = set()  # the stages' code files; the import closure is computed only for a stage not cached
     try:
         params: PipelineParams | None = load_params(root / "params.yaml")
     except Exception as exc:
@@ -137,6 +137,7 @@ def pipeline_status(repo: str | Path = ".") -> list[StageState]:
         lock_key = address if ":" in address else entry_name
         state, reasons = (UP_TO_DATE, [])
         if address in status or lock_key not in locks:
+            code = code or set(graph.code_files(graph.order())) | set(graph.SWEEP_REPORT.code_files)
             state, reasons = _reasons(root, address, status.get(address, []), locks.get(lock_key), code)
         if address in extra:
             state, reasons = STALE, reasons + [extra[address]]

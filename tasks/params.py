@@ -6,11 +6,12 @@ Every value is validated (pydantic) before any stage runs; errors name the dotte
 where there is a closed set, the allowed values.
 
 Sections reuse the library's own pydantic configs instead of restating their fields:
-``calibration`` is a :class:`wanda.calibration.CalibrationConfig`, ``statistics`` and ``masks``
+``calibration`` is a :class:`wanda.calibration_config.CalibrationConfig`, ``statistics`` and ``masks``
 split the fields of :class:`wanda.config.PruneConfig` (what the statistics pass needs vs what
 only the masks need, so a sparsity change cannot invalidate statistics), ``evaluate.perplexity``
 is a :class:`wanda.evaluation.PerplexityConfig`, ``engine.shapes`` an
-:class:`wanda.export.engine.EngineShapes`.
+:class:`wanda.export.engine.EngineShapes`. All of them live in torch-free modules: reading and
+validating parameters imports no torch (``tests/test_fast_start.py``).
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from wanda.calibration import CalibrationConfig
+from wanda.calibration_config import CalibrationConfig
 from wanda.config import PruneConfig
 from wanda.data import TextSource, resolve_path
 from wanda.errors import ConfigError
-from wanda.evaluation.perplexity import PerplexityConfig
+from wanda.evaluation.perplexity_config import PerplexityConfig
 from wanda.evaluation.zeroshot import ZeroShotConfig
-from wanda.model_io import DTYPES, EMBEDDED_DEFAULT
+from wanda.model_io import DTYPE_NAMES, EMBEDDED_DEFAULT
 
 from . import graph
 
@@ -59,7 +60,7 @@ _MasksFields = create_model("_MasksFields", __base__=Section, **_prune_fields(_m
 class ModelSection(Section):
     # Any source wanda.model_io accepts: embedded:NAME, a .gguf file, a model directory, a hub id.
     source: str = EMBEDDED_DEFAULT
-    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    dtype: Literal[tuple(DTYPE_NAMES)] = "float32"  # type: ignore[valid-type]
 
 
 class RuntimeSection(Section):
@@ -140,7 +141,7 @@ class MasksSection(_MasksFields):
 
 class PruneSection(Section):
     # dtype of the written pruned model; null keeps the materialized model's dtype.
-    dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
+    dtype: Literal[tuple(DTYPE_NAMES)] | None = None  # type: ignore[valid-type]
 
 
 class PerplexitySection(PerplexityConfig):

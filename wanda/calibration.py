@@ -6,12 +6,11 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
+from .calibration_config import CalibrationConfig  # its home before it moved; still importable from here
 from .checkpoint import save_safetensors
 from .data import LoadedText, TextSource, load_text, split_documents, tokenize
 from .errors import CalibrationError, ConfigError
@@ -21,18 +20,6 @@ log = logging.getLogger(__name__)
 
 # Below this many distinct tokens in the whole source the text cannot characterize a layer's inputs.
 MIN_DISTINCT_TOKENS = 16
-
-
-class CalibrationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: TextSource = Field(default_factory=lambda: TextSource(path="shared:wikitext-2/valid.txt"))
-    nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(2048, ge=2)
-    seed: int = 0
-    # "wikitext": windows at random starts of the whole token stream (reference WikiText sampler);
-    # "c4": a random document longer than seqlen, then a random window inside it (reference C4 sampler).
-    sampler: Literal["wikitext", "c4"] = "wikitext"
 
 
 @dataclass

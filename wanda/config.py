@@ -19,8 +19,6 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from .experts import ExpertPolicy
-
 
 def _registry():
     # Imported on use: the methods import the masks and statistics modules, not this one.
@@ -69,6 +67,29 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 # ``"unstructured"`` or ``"N:M"``, spaces removed.
 Pattern = Annotated[str, AfterValidator(_normalized_pattern)]
+
+
+class ExpertPolicy(BaseModel):
+    """How experts with few calibration tokens get their statistics (recorded in the masks artifact).
+
+    - ``routed`` (default): an expert's statistics come from the tokens the router sends to it;
+      an expert with fewer than ``min_tokens_per_expert`` routed tokens uses ``fallback``:
+      ``pooled`` (the statistics of all experts of its container pooled) or ``magnitude``
+      (every input channel weighted 1, so its score is ``|W|``).
+    - ``calibrate_all_experts``: every calibration token also passes through every expert for
+      statistics only; the block output stays the normally routed one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["routed", "calibrate_all_experts"] = "routed"
+    min_tokens_per_expert: int = Field(1, ge=0, description="routed mode: experts under this use the fallback")
+    fallback: Literal["pooled", "magnitude"] = "pooled"
+
+    def describe(self) -> str:
+        if self.mode == "calibrate_all_experts":
+            return "calibrate_all_experts"
+        return f"routed(min_tokens_per_expert={self.min_tokens_per_expert}, fallback={self.fallback})"
 
 
 class PruneConfig(BaseModel):

@@ -11,13 +11,15 @@ import logging
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import ConfigError
 from .hashing import sha256_text
+
+if TYPE_CHECKING:  # imported by tokenize(): the text sources (parameters) need no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,8 @@ def split_documents(loaded: LoadedText) -> list[str]:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole text once, as the reference does; returns a 1-D int64 tensor."""
+    import torch
+
     # The length warning is about feeding the model, which we never do with this tensor whole.
     previous = getattr(tokenizer, "model_max_length", None)
     try:

@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .config import ExpertPolicy  # a parameter (torch-free module); still importable from here
 from .statistics import ActivationStatistics, ChannelStats
 from .targets import Target, register_discoverer, register_kind, register_observer, target_matches as matches
 
@@ -39,29 +38,6 @@ log = logging.getLogger(__name__)
 # original forward signature); positional calls are the common case.
 _INDEX_KWARGS = ("top_k_index", "router_indices")
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights")
-
-
-class ExpertPolicy(BaseModel):
-    """How experts with few calibration tokens get their statistics (recorded in the masks artifact).
-
-    - ``routed`` (default): an expert's statistics come from the tokens the router sends to it;
-      an expert with fewer than ``min_tokens_per_expert`` routed tokens uses ``fallback``:
-      ``pooled`` (the statistics of all experts of its container pooled) or ``magnitude``
-      (every input channel weighted 1, so its score is ``|W|``).
-    - ``calibrate_all_experts``: every calibration token also passes through every expert for
-      statistics only; the block output stays the normally routed one.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["routed", "calibrate_all_experts"] = "routed"
-    min_tokens_per_expert: int = Field(1, ge=0, description="routed mode: experts under this use the fallback")
-    fallback: Literal["pooled", "magnitude"] = "pooled"
-
-    def describe(self) -> str:
-        if self.mode == "calibrate_all_experts":
-            return "calibrate_all_experts"
-        return f"routed(min_tokens_per_expert={self.min_tokens_per_expert}, fallback={self.fallback})"
 
 
 def is_experts_container(module: nn.Module) -> bool:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is hashed: file digests need none
+    import torch
 
 _CHUNK = 1 << 20
 
@@ -30,6 +32,8 @@ def sha256_files(paths: list[Path], root: Path | None = None) -> str:
 
 def sha256_tensor(tensor: torch.Tensor) -> str:
     """Digest of a tensor's dtype, shape and raw bytes (contiguous, on CPU)."""
+    import torch
+
     data = tensor.detach().to("cpu").contiguous()
     digest = hashlib.sha256()
     digest.update(f"{data.dtype}:{tuple(data.shape)}".encode())

@@ -13,8 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .atomic import atomic_dir
 from .errors import ConfigError
@@ -28,7 +27,22 @@ _EMBEDDED = {
 }
 WEIGHT_GLOBS = ("*.safetensors",)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Names are what parameters accept (no torch needed to check them); DTYPES maps them to torch's.
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def torch_dtypes() -> dict[str, Any]:
+    """``{name: torch.dtype}`` for :data:`DTYPE_NAMES`."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def __getattr__(name: str) -> Any:
+    # ``DTYPES`` imports torch: built on first use, so that importing this module does not.
+    if name == "DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,8 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
 
     if isinstance(source, str):
         source = resolve_source(source)
-    if dtype not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(DTYPES))
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}", ", ".join(DTYPE_NAMES))
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:
         kwargs["device_map"] = check_device_map(device_map)
@@ -111,7 +125,7 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
         from .architecture import check_source_decoder_only
 
         check_source_decoder_only(source.location)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtypes()[dtype], **kwargs)
     if device_map is None:
         model.to(device)
     model.eval()
@@ -123,6 +137,7 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
 
 def _plain_copy(model):
     """A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = model.config.to_dict()

@@ -5,11 +5,12 @@ naming a GPU it does not have) fails here with the parameter's name, not deep in
 """
 from __future__ import annotations
 
-from typing import Union
-
-import torch
+from typing import TYPE_CHECKING, Union
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # imported by check_device(): the parameters read STRATEGIES without torch
+    import torch
 
 # accelerate's device_map: a strategy name, or module name -> device (index, "cpu", "cuda:N", "disk").
 DeviceMap = Union[str, dict[str, Union[int, str]]]
@@ -18,6 +19,8 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def check_device(device: torch.device | str | int, field: str = "runtime.device") -> torch.device:
     """A device torch accepts and this machine has."""
+    import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:

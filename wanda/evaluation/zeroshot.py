@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..data import resolve_path
 from ..errors import ConfigError, EvaluationError
 from ..hashing import sha256_file, sha256_files
-from .perplexity import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +466,8 @@ def run_lm_eval(model, tokenizer, config: ZeroShotConfig, task_manager, log_samp
                 progress=None) -> dict:
     """lm-eval's raw output for ``config.tasks`` on the in-memory ``model``; ``progress(done,
     total)`` is called as requests are answered."""
+    from .perplexity import eval_mode  # torch: ZeroShotConfig, a parameter, is read without it
+
     lm_eval, HFLM, _ = _lm_eval()
     with eval_mode(model), _preserved_rng():
         # An object, not a name: HFLM then loads nothing, from the hub or anywhere else.

@@ -14,14 +14,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-
 from ..errors import ConfigError
-from ..masks import mask_from_scores
-from ..statistics import ChannelStats
 
-if TYPE_CHECKING:  # the config imports this registry
+if TYPE_CHECKING:  # the config imports this registry; torch and the rest are imported where used
+    import torch
+
     from ..config import PruneConfig
+    from ..statistics import ChannelStats
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,7 @@ class ScoreMethod(Method):
     recipes = frozenset({"allocation", "variant", "refine", "permute"})
 
     def prune_layer(self, layer: Layer, sparsity: float, config: "PruneConfig") -> LayerResult:
+        from ..masks import mask_from_scores
         from .dsnot import refine_mask
         from .ria import permuted_mask
         from .variant import variant_row_mask
@@ -107,6 +107,8 @@ class ScoreMethod(Method):
 
 
 def check_finite(scores: torch.Tensor) -> None:
+    import torch
+
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity (non-finite weights or activation statistics)")
 

@@ -30,8 +30,14 @@ reference always uses Wanda's, which is the same for Wanda).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
+from ..lazy import lazy_module, torch_no_grad
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ def _sorted(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, order
 
 
-@torch.no_grad()
+@torch_no_grad
 def dsnot_refine(
     weight: torch.Tensor,
     mask: torch.Tensor,

@@ -1,9 +1,12 @@
 """Magnitude pruning: score |W_ij|, no calibration (the paper's baseline, also per whole layer)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import ScoreMethod, register
+
+if TYPE_CHECKING:  # annotations only: registering the method imports no torch
+    import torch
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:

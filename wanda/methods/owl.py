@@ -16,9 +16,14 @@ are equal every block gets ``sparsity`` (the reference divides by zero there).
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+from ..lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,15 @@ is ``W[:, perm]``.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..lazy import lazy_module
 from .base import ScoreMethod, register
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..masks import unstructured_layer_mask
+from ..lazy import lazy_module, torch_no_grad
 from .base import Layer, LayerResult, Method, register
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ def _small_op_threads(device: torch.device):
         torch.set_num_threads(previous)
 
 
-@torch.no_grad()
+@torch_no_grad
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -194,6 +198,8 @@ def sparsegpt_prune(
 def _sweep(W: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, sparsity: float,
            nm: tuple[int, int] | None, blocksize: int) -> None:
     """The blocked OBS sweep over the columns, in place on ``W`` and ``mask``."""
+    from ..masks import unstructured_layer_mask
+
     rows, cols = W.shape
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

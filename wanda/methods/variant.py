@@ -16,8 +16,14 @@ the alpha sequence and the result are the same.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
+from ..lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..statistics import ChannelStats
 from .base import ScoreMethod, register
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..statistics import ChannelStats
+else:  # imported on first use: the method registry, read when parameters are validated, needs no torch
+    from ..lazy import lazy_module
+
+    torch = lazy_module("torch")
 
 
 def check_channels(weight: torch.Tensor, stats: ChannelStats) -> None:
