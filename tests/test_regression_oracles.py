@@ -5,8 +5,9 @@ This is the portable half of the regression guard (the other half, end-to-end fi
 measured tolerance, is ``tests/test_regression_figures.py``). Bit digests recorded on one CPU
 do not hold on another (MKL and ATen pick kernels by vendor and instruction set), but the
 library and an oracle running side by side see the same rounding, so any difference between
-them is a change of algorithm, never of machine. The model runs in float64, where score ties
-from rounding are practically impossible, as in the tiny-model tests; the oracles are the naive
+them is a change of algorithm, never of machine. The model runs in float64, as in the tiny-model
+tests (the library's scores are float32 even then, so a near-tie at float32 precision could still
+order two weights otherwise than the float64 oracle: none occurs in these cases); the oracles are the naive
 loops of ``tests/reference_wanda.py`` and ``tests/reference_methods.py``, so the first blocks
 of the model are used (block 1 sees block 0's pruned outputs in sequential mode).
 """
@@ -40,8 +41,11 @@ CASES: dict[str, tuple[dict, dict, int, bool, tuple[str, ...] | None]] = {
     "magnitude_50": ({"method": "magnitude", "sparsity": 0.5}, {"method": "magnitude"}, 2, False, None),
     "wanda_2_4": ({"pattern": "2:4"}, {"nm": (2, 4)}, 2, False, None),
     "wanda_4_8": ({"pattern": "4:8"}, {"nm": (4, 8)}, 2, False, None),
-    "owl_wanda_50": ({"sparsity": 0.5, "allocation": "owl", "owl_m": 3.0, "owl_lambda": 0.1},
-                     {"owl": (3.0, 0.1)}, 2, False, None),
+    # OWL's defaults (M 5, lambda 0.08). The library scores in float32 even for a float64 model, so
+    # a near-tie at float32 precision can order two scores otherwise than the float64 oracle: at
+    # M 3, lambda 0.1 one such pair in block 0's o_proj (2 bits, then carried into block 1 by the
+    # sequential walk) was found on 2026-12-08; no case here has one.
+    "owl_wanda_50": ({"sparsity": 0.5, "allocation": "owl"}, {"owl": (5.0, 0.08)}, 2, False, None),
     "variant_wanda_50": ({"sparsity": 0.5, "variant": True}, {"variant": True}, 2, False, None),
     "ria_50": ({"method": "ria", "sparsity": 0.5}, {"method": "ria"}, 1, False, KV),
     "ria_permute_2_4": ({"method": "ria", "pattern": "2:4", "ria_permute": True},
