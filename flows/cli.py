@@ -111,6 +111,7 @@ def _validate_first(args) -> None:
     params = load_params(resolve_params_file(root, args.params), args.overrides)
     _check_targets(getattr(args, "target", None))
     preflight(params, root)
+    _check_tracking(args, params, root)
     if args.command == "sweep":
         from flows.runners import sweep_settings
         from flows.sweep import parse_axes
@@ -120,6 +121,19 @@ def _validate_first(args) -> None:
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
         sweep_settings(params.sweep, args.runner)
+
+
+def _check_tracking(args, params, root: Path) -> None:
+    """A run that will log to MLflow reaches its server before any stage runs (one line within
+    15 s, not minutes of retries after the work); the section's own secret names are redacted."""
+    from flows.redact import add_query_keys
+
+    if params.tracking is not None:
+        add_query_keys(params.tracking.secret_query_params)
+    if args.command == "run" and (not args.no_track or args.release):
+        from flows.mlflow_uris import check_reachable, resolve_tracking
+
+        check_reachable(resolve_tracking(params.tracking, root))
 
 
 def _check_targets(targets: list[str] | None) -> None:

@@ -100,8 +100,10 @@ def _root(args) -> Path:
 def _config_error(section: str, exc: ValidationError):
     from wanda.errors import ConfigError
 
+    from tasks.params import error_location
+
     err = exc.errors()[0]
-    field = ".".join([section, *map(str, err["loc"])])
+    field = ".".join([section, *error_location(err)])
     return ConfigError(field, err["msg"].removeprefix("Value error, "))
 
 
@@ -140,6 +142,9 @@ def cmd_track(args) -> int:
 
     root = _root(args)
     config = tracking_config(args, root)  # bad tracking parameters fail first (exit 2)
+    from flows.mlflow_uris import check_reachable, resolve_tracking
+
+    check_reachable(resolve_tracking(config, root))  # a dead server: one line within 15 s
     try:  # before anything is logged: a stale or mismatched workspace is never registered
         check_trackable(root, args.params)
     except StaleState as exc:
@@ -162,8 +167,12 @@ def cmd_track(args) -> int:
 def cmd_release(args) -> int:
     from flows.release import run_release
 
+    from flows.mlflow_uris import check_reachable, resolve_tracking
+
     root = _root(args)
-    outcome = run_release(args.candidate, gate_criteria(args, root), tracking_config(args, root), root,
+    config = tracking_config(args, root)
+    check_reachable(resolve_tracking(config, root))  # a dead server: one line within 15 s
+    outcome = run_release(args.candidate, gate_criteria(args, root), config, root,
                           args.decision, lock_timeout_s=args.lock_timeout)
     if args.json:
         print(outcome.model_dump_json(indent=2))

@@ -192,14 +192,21 @@ def params_section(root: str | Path, params_file: str | Path, section: str, mode
     try:
         return model(**values)
     except ValidationError as exc:
+        from tasks.params import error_location
+
         err = exc.errors()[0]
-        raise ConfigError(".".join([section, *map(str, err["loc"])]),
+        raise ConfigError(".".join([section, *error_location(err)]),
                           err["msg"].removeprefix("Value error, ")) from None
 
 
 def tracking_config_from_params(root: str | Path, params_file: str | Path = "params.yaml") -> TrackingConfig:
-    """The ``tracking`` section of the parameter file."""
-    return params_section(root, params_file, "tracking", TrackingConfig)
+    """The ``tracking`` section of the parameter file; its own credential query names are
+    redacted from now on in this process."""
+    from .redact import add_query_keys
+
+    config = params_section(root, params_file, "tracking", TrackingConfig)
+    add_query_keys(config.secret_query_params)
+    return config
 
 
 def track_pipeline_run(root: str | Path, params_file: str = "params.yaml", flow_run_id: str | None = None,
