@@ -158,3 +158,68 @@ def test_password_in_tracking_uri_never_leaks(project, mlflow_server, tmp_path):
     assert (server_data / "mlflow.db").is_file()
     assert _holds(server_data, secret.encode()) == []
     assert _holds(project / "artifacts", secret.encode()) == [] and secret not in (project / "params.yaml").read_text()
+
+
+def test_query_string_secrets_refused_in_params_and_flags_never_stored(project, tmp_path):
+    """Issue 25: ``?token=``, ``?password=`` and a name the tracking section adds are credentials
+    like ``user:password@``: refused in params.yaml and on the command line (exit 2, the
+    parameter named), accepted from the environment and found nowhere after a run."""
+    token, extra = f"tk-{secrets.token_hex(8)}", f"xk-{secrets.token_hex(8)}"
+    params = json.loads((project / "params.yaml").read_text())
+    params["tracking"] = {"secret_query_params": ["wanda_key"]}
+    (project / "params.yaml").write_text(json.dumps(params))
+    store = tmp_path / "store"
+    store.mkdir()
+    prefect_home = tmp_path / "prefect-home"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}?token={token}&wanda_key={extra}",
+           "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+
+    run = _cli(project, "run", env=env)  # every stage cached; a Prefect flow run; tracked in the store
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "registered wanda-pruned version 1" in run.stdout
+
+    written = (project / "params.yaml").read_bytes()
+    refused = [
+        _cli(project, "run", "-S", f"tracking.tracking_uri=sqlite:///{store}/x.db?password={token}"),
+        _cli(project, "run", "-S", f"tracking.registry_uri=http://127.0.0.1:9/?WANDA_KEY={extra}"),
+        _cli(project, "track", "--tracking-uri", f"http://127.0.0.1:9/?token={token}"),
+        _cli(project, "release", "--tracking-uri", f"http://127.0.0.1:9/api?sig={token}"),
+    ]
+    for result, field in zip(refused, ("tracking.tracking_uri", "tracking.registry_uri", "tracking.tracking_uri",
+                                        "tracking.tracking_uri")):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"wanda-pipeline: invalid parameters: {field}: ?") and " is refused" in lines[0]
+    assert (project / "params.yaml").read_bytes() == written
+    params["tracking"]["tracking_uri"] = f"http://127.0.0.1:9/?wanda_key={extra}"
+    (project / "params.yaml").write_text(json.dumps(params))
+    in_file = _cli(project, "track")
+    assert in_file.returncode == 2 and "tracking.tracking_uri: ?wanda_key= is refused" in in_file.stderr
+    (project / "params.yaml").write_bytes(written)  # the file form was the test's own writing
+
+    for result in (run, *refused, in_file):
+        assert token not in result.stdout + result.stderr and extra not in result.stdout + result.stderr
+    assert any(prefect_home.rglob("*.db")), "the Prefect database was not created"
+    for folder in (project, store, prefect_home):  # the workspace (artifacts, .mlflow), MLflow, Prefect
+        for secret in (token, extra):
+            assert _holds(folder, secret.encode()) == [], (folder, secret)
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_stage(project):
+    """Issue 25: one line within 15 s naming the redacted URI, instead of minutes of retries."""
+    import time
+
+    uri = "http://wanda:pw-hidden@127.0.0.1:9/?token=tok-hidden"
+    for args in (("track", *NAMES), ("run", "--release", "-S", "masks.sparsity=0.6")):
+        params = (project / "params.yaml").read_bytes()
+        started = time.monotonic()
+        result = _cli(project, *args, env={"MLFLOW_TRACKING_URI": uri})
+        elapsed = time.monotonic() - started
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "TrackingUnreachable: MLflow tracking server http://***@127.0.0.1:9/?token=*** is unreachable" \
+            in lines[0]
+        assert "pw-hidden" not in result.stderr and "tok-hidden" not in result.stderr
+        assert elapsed < 15, elapsed  # interpreter start-up included
+        assert "Starting temporary server" not in result.stdout + result.stderr  # no stage, no Prefect
+        assert (project / "params.yaml").read_bytes() == params
