@@ -146,12 +146,15 @@ def _check_targets(targets: list[str] | None) -> None:
 
 
 def cmd_run(args) -> int:
+    from flows import dvc
     from flows.pipeline import prune_pipeline
+    from flows.run_lock import workspace_lock
 
-    _validate_first(args)
-    result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo, force=args.force,
-                            run_cache=not args.no_run_cache, targets=args.target, track=not args.no_track,
-                            release=args.release)
+    with workspace_lock(dvc.find_root(args.repo)):  # a second run is refused before anything is written
+        _validate_first(args)
+        result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo,
+                                force=args.force, run_cache=not args.no_run_cache, targets=args.target,
+                                track=not args.no_track, release=args.release)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
@@ -171,11 +174,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from flows import dvc
+    from flows.run_lock import workspace_lock
     from flows.sweep import sweep
 
-    _validate_first(args)
-    result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
-                   repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
+    with workspace_lock(dvc.find_root(args.repo)):  # one run at a time in a workspace
+        _validate_first(args)
+        result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
+                       repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
@@ -248,6 +254,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from flows.redact import install
+    from flows.run_lock import WorkspaceBusy
     from wanda.errors import ConfigError
 
     install()  # every print and log line of this process goes through the credential redaction
@@ -261,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wanda-pipeline: invalid parameters: {_one_line(exc)}", file=sys.stderr)
         return EXIT_PARAMS
+    except WorkspaceBusy as exc:
+        print(f"wanda-pipeline: {args.command} refused: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("wanda-pipeline: interrupted (finished stages are kept; unfinished ones left nothing)", file=sys.stderr)
         return 130

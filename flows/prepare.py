@@ -67,6 +67,28 @@ def open_run(repo: str | Path, params_file: str | Path | None, overrides: list[s
     return root, params
 
 
+@contextlib.contextmanager
+def locked_run(repo: str | Path, params_file: str | Path | None, overrides: list[str] | None,
+               logger: logging.Logger | logging.LoggerAdapter):
+    """:func:`open_run` holding the workspace (flows/run_lock.py): a second run is refused before
+    it writes anything. Yields ``(root, params, guard)``; ``guard`` knows the bytes this run wrote
+    to params.yaml (stages check them) and, when the body fails, puts back the file it found."""
+    from . import dvc
+    from .run_lock import ParamsGuard, workspace_lock
+
+    root = dvc.find_root(repo)
+    with workspace_lock(root):
+        target = root / DEFAULT_PARAMS_FILE
+        guard = ParamsGuard(target, target.read_bytes() if target.is_file() else None)
+        try:
+            root, params = open_run(root, params_file, overrides, logger)
+            guard.written = target.read_bytes()
+            yield root, params, guard
+        except BaseException:
+            guard.restore(logger)
+            raise
+
+
 def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
     """Fail before any stage runs on inputs that cannot exist here; return warnings.
 
