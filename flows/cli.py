@@ -164,7 +164,10 @@ def cmd_run(args) -> int:
         dense = metrics.get("dense.perplexity")
         print(f"perplexity {metrics['perplexity']:.3f}" + (f" (dense {dense:.3f})" if dense else ""))
     tracked = result.get("tracking")
-    if tracked:
+    if tracked and tracked.get("duplicate_of"):
+        print(f"MLflow run {tracked['run_id']}; the pruned model is byte-identical to {tracked['model_name']} "
+              f"version {tracked['duplicate_of']}: not registered again")
+    elif tracked:
         print(f"MLflow run {tracked['run_id']}; registered {tracked['model_name']} version {tracked['model_version']}")
     if result.get("release"):
         decision = result["release"]
@@ -271,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except WorkspaceBusy as exc:
         print(f"wanda-pipeline: {args.command} refused: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if type(exc).__name__ == "ReleaseInterrupted":  # flows.release: says which state the release left
+            print(f"wanda-pipeline: {_one_line(exc)}", file=sys.stderr)
+            return 130
         print("wanda-pipeline: interrupted (finished stages are kept; unfinished ones left nothing)", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; the traceback is in the Prefect logs

@@ -194,6 +194,36 @@ def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = F
     return ReproOutcome("ran", lines + more, described)
 
 
+# ----------------------------------------------------------------------------- partial cache files
+
+# A partial write younger than this may still be going on (a sweep point sharing the cache).
+PARTIAL_MIN_AGE_S = 600.0
+
+
+def clean_partial_cache_files(root: Path, min_age_s: float = PARTIAL_MIN_AGE_S) -> list[tuple[Path, int]]:
+    """Delete DVC's partial cache files (``<object>.<token>.tmp``, written then renamed) that an
+    interrupted write left behind (a full disk, a kill): nothing ever reads or removes them, and
+    one can be the size of a model. Returns ``(path, bytes)`` of each one removed."""
+    import time
+
+    from .dvc_places import dvc_caches
+
+    caches = dvc_caches(root)[:1]  # the cache itself; remotes are not ours to clean
+    removed: list[tuple[Path, int]] = []
+    now = time.time()
+    for cache in caches:
+        for path in [*cache.glob("files/md5/*/*.tmp"), *cache.glob("[0-9a-f][0-9a-f]/*.tmp")]:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if now - stat.st_mtime < min_age_s or not path.is_file():
+                continue
+            path.unlink(missing_ok=True)
+            removed.append((path, stat.st_size))
+    return removed
+
+
 # ----------------------------------------------------------------------------- parameter agreement
 
 

@@ -78,6 +78,11 @@ def locked_run(repo: str | Path, params_file: str | Path | None, overrides: list
 
     root = dvc.find_root(repo)
     with workspace_lock(root):
+        removed = dvc.clean_partial_cache_files(root)
+        if removed:
+            logger.warning("removed %d partial DVC cache file(s) (%.1f MB) left by an interrupted write: %s",
+                           len(removed), sum(size for _, size in removed) / 1e6,
+                           ", ".join(path.name for path, _ in removed[:3]))
         target = root / DEFAULT_PARAMS_FILE
         guard = ParamsGuard(target, target.read_bytes() if target.is_file() else None)
         try:

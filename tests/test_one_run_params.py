@@ -154,3 +154,30 @@ def test_second_run_is_refused_before_writing_and_a_failed_run_restores_params(t
     out, err = failed.communicate(timeout=600)
     assert failed.returncode == 1, out[-2000:] + err[-3000:]
     assert "prune" in err and (root / "params.yaml").read_bytes() == before
+
+
+def test_identical_model_is_not_registered_twice_and_partial_cache_files_are_cleaned(tmp_path):
+    """Issue 25: a plain re-run registers no new, identical version (it says which one it is);
+    DVC's partial cache files from an interrupted write are removed by the next run."""
+    root = copy_project(tmp_path / "p")
+    first = _cli(root, "run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "registered wanda-pruned version 1" in first.stdout
+
+    shard = root / ".dvc/cache/files/md5/ab"
+    shard.mkdir(parents=True, exist_ok=True)
+    stale, fresh = shard / "cdef0123.Zq9x.tmp", shard / "cdef4567.Yw8v.tmp"
+    stale.write_bytes(b"\0" * 2**20)
+    fresh.write_bytes(b"\0" * 1024)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # an hour old: no write is going on
+
+    second = _cli(root, "run")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "the pruned model is byte-identical to wanda-pruned version 1: not registered again" in second.stdout
+    assert "removed 1 partial DVC cache file(s) (1.0 MB) left by an interrupted write" in second.stdout + second.stderr
+    assert not stale.exists() and fresh.exists()  # a young one may be a write in progress
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / '.mlflow/mlflow.db'}")
+    assert [v.version for v in client.search_model_versions("name='wanda-pruned'")] == ["1"]
