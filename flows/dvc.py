@@ -330,6 +330,11 @@ def drop_run_cache_entries(root: Path, address: str) -> int:
                 and {(o.get("path"), o.get("md5")) for o in cached.get("outs") or []} == outs):
             path.unlink(missing_ok=True)
             removed += 1
+            for folder in (path.parent, path.parent.parent):  # DVC fails on an empty key folder
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty: other entries remain
     return removed
 
 
