@@ -277,6 +277,12 @@ def run_release(
             except Exception as exc:  # noqa: BLE001 - the decision stands; the copy in the run is a convenience
                 log.warning("could not log the decision to run %s: %s", version.run_id, exc)
     except KeyboardInterrupt as exc:
+        if not state["committed"] and state["before"] is None:
+            try:  # interrupted before the gate read it: the champion as it stands (unchanged by this run)
+                now = _alias_version(client, model, CHAMPION)
+                state["before"] = str(now.version) if now is not None else None
+            except Exception:  # noqa: BLE001 - the line is said either way
+                pass
         raise ReleaseInterrupted(_interrupted_line(exc, model, number, state, path)) from None
     log.info("gate %s/%s: %s", model, number, decision.summary())
     return outcome
