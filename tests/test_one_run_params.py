@@ -180,4 +180,4 @@ def test_identical_model_is_not_registered_twice_and_partial_cache_files_are_cle
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / '.mlflow/mlflow.db'}")
-    assert [v.version for v in client.search_model_versions("name='wanda-pruned'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='wanda-pruned'")] == ["1"]
