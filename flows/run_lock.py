@@ -5,7 +5,7 @@ when each stage starts and when it writes ``dvc.lock`` and its run cache afterwa
 
 - :func:`workspace_lock` is taken before anything is written: a second run in the same
   workspace is refused at once with one line naming the holder, and ``params.yaml`` stays as
-  the first run wrote it. ``fcntl.flock`` on ``.dvc/tmp/wanda-run.lock``: the kernel drops it
+  the first run wrote it. ``fcntl.flock`` on the ``.dvc`` folder (no file written): the kernel drops it
   when the holder dies, so a killed run never leaves the workspace locked. Re-entrant within
   one process (the CLI takes it, then the flow it calls).
 - :class:`ParamsGuard` remembers the bytes the run wrote; a stage that finished while the
@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = Path(".dvc") / "tmp" / "wanda-run.lock"
+LOCK_DIR = Path(".dvc")  # flock'ed as a folder: no lock file in the workspace
 
 _held: dict[str, int] = {}  # root -> depth, for this process
 _guard = threading.Lock()
@@ -46,17 +44,28 @@ class ParamsChanged(RuntimeError):
 
 
 def _holder_text(path: Path) -> str:
+    """Who holds the flock on ``path``: its pid and command line, from /proc/locks (Linux)."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+        stat = path.stat()
+        wanted = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and len(fields) > 5 and fields[5] == wanted:
+                pid = fields[4]
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                started = time.strftime("%H:%M:%S UTC", time.gmtime(Path(f"/proc/{pid}").stat().st_mtime))
+                return f"pid {pid} since {started} (`{command.strip()[:200]}`)"
     except (OSError, ValueError):
-        return "another process"
-    started = time.strftime("%H:%M:%S UTC", time.gmtime(info.get("started", 0)))
-    return f"pid {info.get('pid')} since {started} (`{info.get('command', '?')}`)"
+        pass
+    return "another process"
 
 
 @contextmanager
 def workspace_lock(root: Path) -> Iterator[None]:
-    """Hold ``root`` for one run; :class:`WorkspaceBusy` at once when another run holds it."""
+    """Hold ``root`` for one run; :class:`WorkspaceBusy` at once when another run holds it.
+
+    The lock is a ``flock`` on the ``.dvc`` folder itself: nothing is created or written in the
+    workspace, so a refused or failed run leaves every file as it was."""
     key = str(Path(root).resolve())
     with _guard:
         if key in _held:
@@ -71,20 +80,14 @@ def workspace_lock(root: Path) -> Iterator[None]:
             with _guard:
                 _held[key] -= 1
         return
-    path = Path(root) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")
+    path = Path(root) / LOCK_DIR
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkspaceBusy(f"another run holds the workspace {root}: {_holder_text(path)}; wait for it to "
                                 "finish (params.yaml and dvc.lock are untouched by this one)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "started": time.time(),
-                                 "command": " ".join(["wanda-pipeline", *sys.argv[1:]])[:300]}))
-        handle.flush()
         with _guard:
             _held[key] = 1
         try:
@@ -92,11 +95,9 @@ def workspace_lock(root: Path) -> Iterator[None]:
         finally:
             with _guard:
                 _held.pop(key, None)
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        handle.close()
+        os.close(fd)
 
 
 def sha256_bytes(data: bytes | None) -> str | None:
