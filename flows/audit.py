@@ -274,6 +274,11 @@ def audit(
     ok, problems = lineage_ok(checks)
     if record is None:
         ok, problems = False, [*problems, "no lineage record"]
+    aliases = list(getattr(version, "aliases", []) or [])
+    if "champion" in aliases and tags.get(f"{TAG}gate") != "passed":  # a release cut short (issue 25)
+        ok, problems = False, [*problems, f"version {version.version} is champion but its {TAG}gate tag is "
+                               f"{tags.get(f'{TAG}gate', 'absent')!r}, not 'passed': its release did not complete "
+                               "(run `wanda-pipeline release` again to finish or judge it)"]
     return AuditReport(
         model=version.name, version=str(version.version), ref=str(ref),
         aliases=list(getattr(version, "aliases", []) or []), source=version.source, run_id=version.run_id,

@@ -111,6 +111,7 @@ def _validate_first(args) -> None:
     params = load_params(resolve_params_file(root, args.params), args.overrides)
     _check_targets(getattr(args, "target", None))
     preflight(params, root)
+    _check_tracking(args, params, root)
     if args.command == "sweep":
         from flows.runners import sweep_settings
         from flows.sweep import parse_axes
@@ -120,6 +121,19 @@ def _validate_first(args) -> None:
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
         sweep_settings(params.sweep, args.runner)
+
+
+def _check_tracking(args, params, root: Path) -> None:
+    """A run that will log to MLflow reaches its server before any stage runs (one line within
+    15 s, not minutes of retries after the work); the section's own secret names are redacted."""
+    from flows.redact import add_query_keys
+
+    if params.tracking is not None:
+        add_query_keys(params.tracking.secret_query_params)
+    if args.command == "run" and (not args.no_track or args.release):
+        from flows.mlflow_uris import check_reachable, resolve_tracking
+
+        check_reachable(resolve_tracking(params.tracking, root))
 
 
 def _check_targets(targets: list[str] | None) -> None:
@@ -132,12 +146,16 @@ def _check_targets(targets: list[str] | None) -> None:
 
 
 def cmd_run(args) -> int:
-    _validate_first(args)
-    from flows.pipeline import prune_pipeline  # Prefect: seconds of imports, after the parameters are checked
+    from flows import dvc
+    from flows.run_lock import workspace_lock
 
-    result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo, force=args.force,
-                            run_cache=not args.no_run_cache, targets=args.target, track=not args.no_track,
-                            release=args.release)
+    with workspace_lock(dvc.find_root(args.repo)):  # a second run is refused before anything is written
+        _validate_first(args)
+        from flows.pipeline import prune_pipeline  # Prefect: seconds of imports, after the parameters are checked
+
+        result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo,
+                                force=args.force, run_cache=not args.no_run_cache, targets=args.target,
+                                track=not args.no_track, release=args.release)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
@@ -147,7 +165,10 @@ def cmd_run(args) -> int:
         dense = metrics.get("dense.perplexity")
         print(f"perplexity {metrics['perplexity']:.3f}" + (f" (dense {dense:.3f})" if dense else ""))
     tracked = result.get("tracking")
-    if tracked:
+    if tracked and tracked.get("duplicate_of"):
+        print(f"MLflow run {tracked['run_id']}; the pruned model is byte-identical to {tracked['model_name']} "
+              f"version {tracked['duplicate_of']}: not registered again")
+    elif tracked:
         print(f"MLflow run {tracked['run_id']}; registered {tracked['model_name']} version {tracked['model_version']}")
     if result.get("release"):
         decision = result["release"]
@@ -157,11 +178,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    _validate_first(args)
-    from flows.sweep import sweep  # Prefect: seconds of imports, after the parameters are checked
+    from flows import dvc
+    from flows.run_lock import workspace_lock
 
-    result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
-                   repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
+    with workspace_lock(dvc.find_root(args.repo)):  # one run at a time in a workspace
+        _validate_first(args)
+        from flows.sweep import sweep  # Prefect: seconds of imports, after the parameters are checked
+
+        result = sweep(axes=_axes(args), name=args.name, params_file=args.params, overrides=args.overrides,
+                       repo=args.repo, workers=args.workers, run_cache=not args.no_run_cache, runner=args.runner)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
@@ -234,6 +259,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from flows.redact import install
+    from flows.run_lock import WorkspaceBusy
     from wanda.errors import ConfigError
 
     install()  # every print and log line of this process goes through the credential redaction
@@ -247,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wanda-pipeline: invalid parameters: {_one_line(exc)}", file=sys.stderr)
         return EXIT_PARAMS
-    except KeyboardInterrupt:
+    except WorkspaceBusy as exc:
+        print(f"wanda-pipeline: {args.command} refused: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        if type(exc).__name__ == "ReleaseInterrupted":  # flows.release: says which state the release left
+            print(f"wanda-pipeline: {_one_line(exc)}", file=sys.stderr)
+            return 130
         print("wanda-pipeline: interrupted (finished stages are kept; unfinished ones left nothing)", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; the traceback is in the Prefect logs

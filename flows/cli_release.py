@@ -100,8 +100,10 @@ def _root(args) -> Path:
 def _config_error(section: str, exc: ValidationError):
     from wanda.errors import ConfigError
 
+    from tasks.params import error_location
+
     err = exc.errors()[0]
-    field = ".".join([section, *map(str, err["loc"])])
+    field = ".".join([section, *error_location(err)])
     return ConfigError(field, err["msg"].removeprefix("Value error, "))
 
 
@@ -140,6 +142,9 @@ def cmd_track(args) -> int:
 
     root = _root(args)
     config = tracking_config(args, root)  # bad tracking parameters fail first (exit 2)
+    from flows.mlflow_uris import check_reachable, resolve_tracking
+
+    check_reachable(resolve_tracking(config, root))  # a dead server: one line within 15 s
     try:  # before anything is logged: a stale or mismatched workspace is never registered
         check_trackable(root, args.params)
     except StaleState as exc:
@@ -154,7 +159,10 @@ def cmd_track(args) -> int:
         print(logged.model_dump_json(indent=2))
     else:
         print(f"run {logged.run_id} in {logged.tracking_uri} (evaluation: {logged.evaluation_status})")
-        if logged.model_version:
+        if logged.duplicate_of:
+            print(f"the pruned model is byte-identical to {logged.model_name} version {logged.duplicate_of}: "
+                  "not registered again")
+        elif logged.model_version:
             print(f"registered {logged.model_name} version {logged.model_version} from {logged.model_source}")
     return EXIT_OK
 
@@ -162,9 +170,21 @@ def cmd_track(args) -> int:
 def cmd_release(args) -> int:
     from flows.release import run_release
 
+    import signal
+    import threading
+
+    from flows.mlflow_uris import check_reachable, resolve_tracking
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl-C: one line
+        signal.signal(signal.SIGTERM, _terminate)
     root = _root(args)
-    outcome = run_release(args.candidate, gate_criteria(args, root), tracking_config(args, root), root,
+    config = tracking_config(args, root)
+    check_reachable(resolve_tracking(config, root))  # a dead server: one line within 15 s
+    outcome = run_release(args.candidate, gate_criteria(args, root), config, root,
                           args.decision, lock_timeout_s=args.lock_timeout)
+    if threading.current_thread() is threading.main_thread():  # decided and recorded: only printing is left
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.json:
         print(outcome.model_dump_json(indent=2))
     else:
@@ -178,6 +198,12 @@ def cmd_release(args) -> int:
         print(f"{outcome.model} version {outcome.version}: {verdict}; champion {outcome.champion_before} -> "
               f"{outcome.champion_after}, previous {outcome.previous_after}; decision {outcome.decision_path}")
     return EXIT_OK if outcome.passed else EXIT_FAILED
+
+
+def _terminate(signum, frame) -> None:
+    import signal
+
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def cmd_audit(args) -> int:
@@ -218,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wanda-pipeline: invalid parameters: {exc}", file=sys.stderr)
         return EXIT_PARAMS
+    except KeyboardInterrupt as exc:
+        print(f"wanda-pipeline: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user
         print(f"wanda-pipeline: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -123,7 +123,7 @@ def _action(lines: list[str]) -> str:
 
 def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = False,
           run_cache: bool = True, warn: LineSink | None = None,
-          env: dict[str, str] | None = None) -> ReproOutcome:
+          env: dict[str, str] | None = None, params_sha256: str | None = None) -> ReproOutcome:
     """Bring one stage up to date (``dvc repro --single-item``) and say what DVC did.
 
     DVC checks out cached outputs without re-hashing them, so a damaged cache object would be
@@ -131,14 +131,50 @@ def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = F
     checked out) is verified here against ``dvc.lock``; on a mismatch the bad cache objects are
     removed and the stage re-runs, with a warning (``warn``, and this module's log). ``env`` adds variables
     for DVC and the stages it runs (a sweep point's threads and GPUs).
+
+    Parameters (issue 25): the values ``dvc.lock`` records for the stage must be the ones its
+    manifest says it used. When the stage ran while ``params.yaml`` changed (``params_sha256``:
+    the bytes the run wrote; or the two disagree), its ``dvc.lock`` entry and the run-cache entries
+    it made are taken back and :class:`flows.run_lock.ParamsChanged` is raised. A restored or
+    up-to-date stage that disagrees came from a poisoned run-cache entry: that entry is deleted
+    and the stage re-runs, with a warning.
     """
     args = ["repro", "--single-item", target]
     if force:
         args.append("--force")
     if not run_cache:
         args.append("--no-run-cache")
+    lock_file = _lock_location(root, target)[0]
+    lock_before = lock_file.read_bytes() if lock_file.is_file() else None
     _, lines = run(args, root, sink, env=env)
     action = _action(lines)
+    disagreement = params_disagreement(root, target)
+    moved = params_sha256 is not None and _file_sha256(root / "params.yaml") != params_sha256
+    if action == "ran" and (moved or disagreement):
+        _take_back(root, target, lock_file, lock_before)
+        from .run_lock import ParamsChanged, params_changed_message
+
+        where = f"stage {target}" + (f": it used {disagreement[0]}" if disagreement else "")
+        raise ParamsChanged(params_changed_message(root / "params.yaml", where))
+    if disagreement:
+        message = (f"{target}: DVC restored outputs whose manifest disagrees with the parameters dvc.lock records "
+                   f"({disagreement[0]}): a poisoned run-cache entry; removed {drop_run_cache_entries(root, target)} "
+                   "run-cache entry(ies), re-running the stage")
+        log.warning("%s", message)
+        if warn is not None:
+            warn(message)
+        _, more = run(["repro", "--single-item", "--force", "--no-run-cache", target], root, sink, env=env)
+        still = params_disagreement(root, target)
+        if still:
+            from .run_lock import ParamsChanged, params_changed_message
+
+            _take_back(root, target, lock_file, lock_before)
+            raise ParamsChanged(params_changed_message(root / "params.yaml", f"stage {target}: it used {still[0]}"))
+        lines, action = lines + more, "ran"
+    if moved:
+        from .run_lock import ParamsChanged, params_changed_message
+
+        raise ParamsChanged(params_changed_message(root / "params.yaml", f"after stage {target}"))
     if action == "ran":
         return ReproOutcome(action, lines)
     damaged = damaged_outputs(root, target)
@@ -156,6 +192,150 @@ def repro(root: Path, target: str, sink: LineSink | None = None, force: bool = F
     if still:
         raise DvcError(f"{target}: outputs still differ from dvc.lock after re-running: {still[0].describe()}")
     return ReproOutcome("ran", lines + more, described)
+
+
+# ----------------------------------------------------------------------------- partial cache files
+
+# A partial write younger than this may still be going on (a sweep point sharing the cache).
+PARTIAL_MIN_AGE_S = 600.0
+
+
+def clean_partial_cache_files(root: Path, min_age_s: float = PARTIAL_MIN_AGE_S) -> list[tuple[Path, int]]:
+    """Delete DVC's partial cache files (``<object>.<token>.tmp``, written then renamed) that an
+    interrupted write left behind (a full disk, a kill): nothing ever reads or removes them, and
+    one can be the size of a model. Returns ``(path, bytes)`` of each one removed."""
+    import time
+
+    from .dvc_places import dvc_caches
+
+    caches = dvc_caches(root)[:1]  # the cache itself; remotes are not ours to clean
+    removed: list[tuple[Path, int]] = []
+    now = time.time()
+    for cache in caches:
+        for path in [*cache.glob("files/md5/*/*.tmp"), *cache.glob("[0-9a-f][0-9a-f]/*.tmp")]:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if now - stat.st_mtime < min_age_s or not path.is_file():
+                continue
+            path.unlink(missing_ok=True)
+            removed.append((path, stat.st_size))
+    return removed
+
+
+# ----------------------------------------------------------------------------- parameter agreement
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _lock_entry(root: Path, address: str) -> tuple[dict, Path]:
+    lock, name, base = _lock_location(root, address)
+    return (read_lock(lock).get("stages") or {}).get(name) or {}, base
+
+
+def _agrees(recorded, used) -> bool:
+    """``recorded`` (a dvc.lock value: only the keys the parameter file holds) within ``used`` (the
+    manifest's full section, defaults included)."""
+    if isinstance(recorded, dict):
+        return isinstance(used, dict) and all(k in used and _agrees(v, used[k]) for k, v in recorded.items())
+    if isinstance(recorded, (list, tuple)):
+        return isinstance(used, (list, tuple)) and len(recorded) == len(used) and all(
+            _agrees(a, b) for a, b in zip(recorded, used))
+    if recorded == used:
+        return True
+    try:  # "0.5" in the file is 0.5 to the validated parameters
+        return float(recorded) == float(used)
+    except (TypeError, ValueError):
+        return str(recorded) == str(used)
+
+
+def params_disagreement(root: Path, address: str) -> list[str]:
+    """Where the parameters ``dvc.lock`` records for a stage differ from those its manifest says
+    the stage used, as ``section.key: V (dvc.lock R)`` lines; [] when they agree or either is absent."""
+    from tasks.common import read_manifest
+
+    if ":" in address:  # sweep points: their own parameter files and point workspaces
+        return []
+    entry, base = _lock_entry(root, address)
+    outs = entry.get("outs") or []
+    if not outs or not entry.get("params"):
+        return []
+    manifest = read_manifest(base / outs[0]["path"]) or {}
+    used = manifest.get("params")
+    if not isinstance(used, dict):
+        return []
+    problems = []
+    for values in entry["params"].values():
+        for key, recorded in (values or {}).items():
+            parts = str(key).split(".")
+            at = max((i for i, part in enumerate(parts) if part in used), default=None)
+            if at is None:
+                continue
+            value = used[parts[at]]
+            for part in parts[at + 1:]:
+                value = value.get(part) if isinstance(value, dict) else None
+            if not _agrees(recorded, value):
+                problems.extend(_differences(".".join(parts[at:]), recorded, value))
+    return problems
+
+
+def _differences(name: str, recorded, used) -> list[str]:
+    if isinstance(recorded, dict) and isinstance(used, dict):
+        return [line for k, v in recorded.items() for line in _differences(f"{name}.{k}", v, used.get(k))
+                if not _agrees(v, used.get(k))]
+    return [f"{name}={used!r} (dvc.lock records {recorded!r})"]
+
+
+def _take_back(root: Path, address: str, lock_file: Path, before: bytes | None) -> None:
+    """Undo what DVC recorded for a stage that ran on other parameters than the run's: its
+    run-cache entries and its ``dvc.lock`` (the file as it was before the stage)."""
+    from wanda.atomic import atomic_file
+
+    dropped = drop_run_cache_entries(root, address)
+    if before is None:
+        lock_file.unlink(missing_ok=True)
+    else:
+        with atomic_file(lock_file, "wb") as handle:
+            handle.write(before)
+    log.warning("%s: took back dvc.lock and %d run-cache entry(ies) recorded with parameters it did not use",
+                address, dropped)
+
+
+def drop_run_cache_entries(root: Path, address: str) -> int:
+    """Delete DVC run-cache entries that record the stage's current ``dvc.lock`` entry (same
+    command, parameters and outputs): entries that would restore these outputs for those
+    parameters. Returns how many were deleted."""
+    from tasks.params import _yaml
+
+    entry, _ = _lock_entry(root, address)
+    outs = {(o.get("path"), o.get("md5")) for o in entry.get("outs") or []}
+    if not outs:
+        return 0
+    runs = cache_dir(root) / "runs"
+    removed = 0
+    for path in runs.glob("*/*/*") if runs.is_dir() else []:
+        try:
+            cached = _yaml().load(path.read_text(encoding="utf-8")) or {}
+        except Exception:  # noqa: BLE001 - a damaged entry is not ours to judge here
+            continue
+        if (cached.get("cmd") == entry.get("cmd") and cached.get("params") == entry.get("params")
+                and {(o.get("path"), o.get("md5")) for o in cached.get("outs") or []} == outs):
+            path.unlink(missing_ok=True)
+            removed += 1
+            for folder in (path.parent, path.parent.parent):  # DVC fails on an empty key folder
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty: other entries remain
+    return removed
 
 
 # ----------------------------------------------------------------------------- output verification

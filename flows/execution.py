@@ -42,6 +42,7 @@ class StagePlan:
     command: str = ""  # the stage command as dvc.yaml declares it
     force: bool = False  # re-run even if DVC says up to date (e.g. a GPU appeared)
     force_reason: str | None = None
+    params_sha256: str | None = None  # params.yaml as the run wrote it; a stage that ends on other bytes fails
 
 
 @dataclass
@@ -149,6 +150,10 @@ def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: boo
     logger = get_run_logger()
     started = time.perf_counter()
     root_path = Path(root)
+    if plan.params_sha256 is not None and dvc._file_sha256(root_path / "params.yaml") != plan.params_sha256:
+        from .run_lock import ParamsChanged, params_changed_message
+
+        raise ParamsChanged(params_changed_message(root_path / "params.yaml", f"before stage {plan.address}"))
     if known_clean and not plan.force:
         outcome = _outcome(plan, root_path, "cached", time.perf_counter() - started)
         return Completed(name="Cached", data=asdict(outcome),
@@ -156,7 +161,8 @@ def run_stage_task(plan: StagePlan, root: str, known_clean: bool, run_cache: boo
     if plan.force_reason:
         logger.info("%s: re-running: %s", plan.address, plan.force_reason)
     action = dvc.repro(root_path, plan.address, sink=_Sink(logger, plan.address), force=plan.force,
-                       run_cache=run_cache, warn=logger.warning, env=PROGRESS_ENV).action
+                       run_cache=run_cache, warn=logger.warning, env=PROGRESS_ENV,
+                       params_sha256=plan.params_sha256).action
     outcome = _outcome(plan, root_path, action, time.perf_counter() - started)
     if outcome.status == "skipped":
         logger.info("%s skipped: %s", plan.address, outcome.reason)

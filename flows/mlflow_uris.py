@@ -113,3 +113,43 @@ def local_path(uri: str) -> Path | None:
     if parsed.scheme == "":
         return Path(uri)
     return None
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking (or registry) server does not answer: said before any stage runs, instead of
+    MLflow's minutes of silent retries after the work is done."""
+
+
+REACH_TIMEOUT_S = 8.0  # one connection attempt; with the interpreter start-up the command fails within 15 s
+
+
+def check_reachable(resolved: ResolvedTracking, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Open a TCP connection to each HTTP(S) server of ``resolved`` (tracking, registry); raise
+    :class:`TrackingUnreachable` naming the redacted URI when one does not accept it. Local
+    backends (sqlite, file) need no check. A connection is what MLflow's retries wait for; an
+    answer with an error (401, 404) still proves the server is there, and MLflow reports it."""
+    import socket
+    import time
+
+    from .redact import redact
+
+    for what, uri in (("tracking", resolved.tracking_uri), ("registry", resolved.registry_uri)):
+        parts = urllib.parse.urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            continue
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise TrackingUnreachable(f"MLflow {what} URI {redact(uri)} has an invalid port") from None
+        started = time.monotonic()
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+            raise TrackingUnreachable(
+                f"MLflow {what} server {redact(uri)} is unreachable ({reason} after "
+                f"{time.monotonic() - started:.1f} s): start it, or point tracking.tracking_uri / "
+                f"$MLFLOW_TRACKING_URI at a running one (or run with --no-track)") from None
+        if uri == resolved.registry_uri and resolved.registry_uri == resolved.tracking_uri:
+            break

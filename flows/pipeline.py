@@ -19,17 +19,19 @@ from . import dvc
 from .execution import StagePlan, StageOutcome, run_sequential
 from .redact import install_logging, redact_value
 from .reporting import publish_pipeline
-from .prepare import content_force_reasons, open_run
+from .prepare import content_force_reasons, locked_run
 
 log = logging.getLogger(__name__)
 
 
-def main_plans(params: PipelineParams, root: Path, force: bool = False) -> list[StagePlan]:
+def main_plans(params: PipelineParams, root: Path, force: bool = False,
+               params_sha256: str | None = None) -> list[StagePlan]:
     plans = []
     reasons = content_force_reasons(root, params)
     for spec in graph.STAGES:
         plan = StagePlan(address=spec.name, stage=spec.name, folder=getattr(params.paths, spec.name),
-                         upstream=list(spec.inputs), command=spec.command(), force=force)
+                         upstream=list(spec.inputs), command=spec.command(), force=force,
+                         params_sha256=params_sha256)
         if spec.name in reasons:
             plan.force, plan.force_reason = True, reasons[spec.name]
         plans.append(plan)
@@ -62,19 +64,23 @@ def prune_pipeline(params_file: str | None = None, overrides: list[str] | None =
     install_logging()  # a worker runs this flow without the CLI: its records are redacted too
     logger = get_run_logger()
     started = time.perf_counter()
-    root, params = open_run(repo, params_file, overrides, logger)
-    plans = select(main_plans(params, root, force), targets)
-    status = dvc.status(root, [plan.address for plan in plans])
-    logger.info("DVC: %d of %d stages need work (%s)", len(status), len(plans), ", ".join(status) or "none")
-    outcomes: list[StageOutcome] = run_sequential(plans, root, run_cache, stale=set(status))
-    publish_pipeline(root, params.paths, outcomes)
-    metrics = _read_metrics(root / params.paths.evaluate / "metrics.json")
-    worked = [o.address for o in outcomes if o.did_work]
-    result = {"outcomes": [asdict(o) for o in outcomes], "metrics": metrics, "root": str(root),
-              "tracking": None, "release": None}
-    whole = not targets or "evaluate" in {p.stage for p in plans}
-    if (track or release) and whole:
-        result["tracking"], result["release"] = _track_and_release(root, release, logger)
+    # One run, one set of parameters: the workspace is held from before params.yaml is written
+    # until the run is recorded; a failure puts back the params.yaml the run found.
+    with locked_run(repo, params_file, overrides, logger) as (root, params, guard):
+        plans = select(main_plans(params, root, force, guard.digest), targets)
+        status = dvc.status(root, [plan.address for plan in plans])
+        logger.info("DVC: %d of %d stages need work (%s)", len(status), len(plans), ", ".join(status) or "none")
+        outcomes: list[StageOutcome] = run_sequential(plans, root, run_cache, stale=set(status))
+        guard.check("after the last stage")
+        guard.committed = True  # the stages are recorded: a tracking or gate failure keeps params.yaml
+        publish_pipeline(root, params.paths, outcomes)
+        metrics = _read_metrics(root / params.paths.evaluate / "metrics.json")
+        worked = [o.address for o in outcomes if o.did_work]
+        result = {"outcomes": [asdict(o) for o in outcomes], "metrics": metrics, "root": str(root),
+                  "tracking": None, "release": None}
+        whole = not targets or "evaluate" in {p.stage for p in plans}
+        if (track or release) and whole:
+            result["tracking"], result["release"] = _track_and_release(root, release, logger)
     result["seconds"] = round(time.perf_counter() - started, 3)
     logger.info("pipeline done in %.1fs; stages that did work: %s", result["seconds"], ", ".join(worked) or "none")
     return redact_value(result)  # Prefect stores the flow's result

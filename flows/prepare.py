@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from tasks.common import apply_offline_env, read_manifest
@@ -66,6 +67,33 @@ def open_run(repo: str | Path, params_file: str | Path | None, overrides: list[s
     return root, params
 
 
+@contextlib.contextmanager
+def locked_run(repo: str | Path, params_file: str | Path | None, overrides: list[str] | None,
+               logger: logging.Logger | logging.LoggerAdapter):
+    """:func:`open_run` holding the workspace (flows/run_lock.py): a second run is refused before
+    it writes anything. Yields ``(root, params, guard)``; ``guard`` knows the bytes this run wrote
+    to params.yaml (stages check them) and, when the body fails, puts back the file it found."""
+    from . import dvc
+    from .run_lock import ParamsGuard, workspace_lock
+
+    root = dvc.find_root(repo)
+    with workspace_lock(root):
+        removed = dvc.clean_partial_cache_files(root)
+        if removed:
+            logger.warning("removed %d partial DVC cache file(s) (%.1f MB) left by an interrupted write: %s",
+                           len(removed), sum(size for _, size in removed) / 1e6,
+                           ", ".join(path.name for path, _ in removed[:3]))
+        target = root / DEFAULT_PARAMS_FILE
+        guard = ParamsGuard(target, target.read_bytes() if target.is_file() else None)
+        try:
+            root, params = open_run(root, params_file, overrides, logger)
+            guard.written = target.read_bytes()
+            yield root, params, guard
+        except BaseException:
+            guard.restore(logger)
+            raise
+
+
 def preflight(params: PipelineParams, root: Path | None = None) -> list[str]:
     """Fail before any stage runs on inputs that cannot exist here; return warnings.
 
@@ -81,9 +109,12 @@ def _preflight(params: PipelineParams, root: Path) -> list[str]:
     from wanda.model_io import resolve_source
 
     warnings: list[str] = []
+    _check_stage_folders(params, Path.cwd())
     source = resolve_source(params.model.source)  # ConfigError: missing package, path or offline hub id
     model_dir = _model_config_dir(params, source)
-    context = _context_length(_read_model_config(model_dir / "config.json")) if model_dir else None
+    context = _context_length(_read_model_config(model_dir / "config.json")) if model_dir else _gguf_context(source)
+    if model_dir:
+        _check_shards(model_dir)  # cheap (file listing), so never remembered
     # The checks that need transformers (and so torch: seconds of imports) run once per content.
     passed = _PassedChecks(root, _model_checks_key(params, model_dir)) if model_dir else None
     model_checks = passed is not None and not passed.seen()
@@ -98,7 +129,7 @@ def _preflight(params: PipelineParams, root: Path) -> list[str]:
     _check_seqlen("calibration.seqlen", _config.seqlen, context)
     check_text_file(_config.source, "calibration.source")
     if tokenizer is not None and _config.sampler == "wikitext":
-        _check_calibration_tokens(_config, tokenizer)
+        warnings.extend(_check_calibration_tokens(_config, tokenizer))
     if params.evaluate.perplexity is not None:
         ppl, note = params.evaluate.perplexity.resolve()
         if note:
@@ -220,6 +251,70 @@ def _model_config_dir(params: PipelineParams, source) -> Path | None:
     return None
 
 
+def _check_stage_folders(params: PipelineParams, root: Path) -> None:
+    """Each stage folder is a real folder of this workspace: no symbolic link on the way to it.
+    DVC removes and re-creates a stage's outputs, and through a link it would act on the target
+    outside the workspace (it changed a linked folder's mode to 777) before failing with its own
+    "unable to remove ... without a confirmation"."""
+    for stage, rel in params.paths.model_dump().items():
+        current = root
+        for part in Path(rel).parts:
+            current = current / part
+            if current.is_symlink():
+                target = os.readlink(current)
+                shown = current.relative_to(root).as_posix()
+                raise ConfigError(f"paths.{stage}", f"{shown} is a symbolic link to {target}; DVC writes stage "
+                                  "outputs in place and would change what the link points at, outside the workspace",
+                                  f"a real folder inside the repository: remove the link (`rm {shown}`; its target "
+                                  "is left as it is) and run again")
+            if not current.exists():
+                break
+        folder = root / rel
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"paths.{stage}", f"{rel} is a {'file' if folder.is_file() else 'special file'}, "
+                              "not a stage folder", f"a folder inside the repository: move {rel} away and run again")
+
+
+def _gguf_context(source) -> int | None:
+    """The context length a GGUF file declares (``<arch>.context_length``), read from its header
+    without loading tensors; None for other sources or when unreadable."""
+    if source.kind != "gguf" or not getattr(source, "gguf_file", None):
+        return None
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(Path(source.location) / source.gguf_file)).fields
+        arch = fields["general.architecture"].contents()
+        value = fields[f"{arch}.context_length"].contents()
+        return int(value) if int(value) > 0 else None
+    except Exception as exc:  # noqa: BLE001 - the check is a convenience; materialize reads the file anyway
+        log.debug("no context length from %s: %s", source.gguf_file, exc)
+        return None
+
+
+def _check_shards(model_dir: Path) -> None:
+    """A sharded checkpoint's index names only files the folder holds (a missing or empty shard
+    would otherwise fail in the materialize stage, after the model began to load)."""
+    import json
+
+    for index in sorted(model_dir.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise ConfigError("model.source", f"{index} is not a readable shard index ({type(exc).__name__})",
+                              "a model folder whose *.index.json maps tensors to its shard files") from None
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        missing = [name for name in shards if not (model_dir / name).is_file()]
+        empty = [name for name in shards if name not in missing and (model_dir / name).stat().st_size == 0]
+        if missing or empty:
+            what = "; ".join(part for part in (
+                f"missing: {', '.join(missing)}" if missing else "", f"empty: {', '.join(empty)}" if empty else "")
+                if part)
+            raise ConfigError("model.source", f"{index.name} in {model_dir} names {len(shards)} shard(s), "
+                              f"not all present ({what})", "a folder holding every shard its index names "
+                              "(copy the missing files)")
+
+
 def _read_model_config(path: Path) -> dict:
     import json
 
@@ -259,17 +354,21 @@ def _tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def _check_calibration_tokens(config, tokenizer) -> None:
-    """The calibration stage's own token check (enough, not near-constant), before any stage."""
-    from wanda.calibration import MIN_DISTINCT_TOKENS, check_tokens
+def _check_calibration_tokens(config, tokenizer) -> list[str]:
+    """The calibration stage's own token check (enough, not near-constant), before any stage;
+    returns the oversampling warning when the windows need more tokens than the text has."""
+    from wanda.calibration import MIN_DISTINCT_TOKENS, check_tokens, oversampling_note
     from wanda.data import load_text, tokenize
     from wanda.errors import CalibrationError
 
     loaded = load_text(config.source, "calibration.source")
     if len(loaded.text) > _TOKENIZED_CHARS:
-        return
+        return []
     try:
-        check_tokens(tokenize(tokenizer, loaded.text), config.seqlen, loaded.source)
+        ids = tokenize(tokenizer, loaded.text)
+        check_tokens(ids, config.seqlen, loaded.source)
+        note = oversampling_note(ids.numel(), config.nsamples, config.seqlen)
+        return [f"calibration.source {loaded.source}: {note}"] if note else []
     except CalibrationError as exc:
         raise ConfigError("calibration.source", str(exc).removeprefix("calibration.source: "),
                           f"a text of more than calibration.seqlen={config.seqlen} tokens, at least "

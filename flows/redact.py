@@ -34,11 +34,15 @@ MASK = "***"
 # scheme://userinfo@ ; userinfo stops at the first "/", whitespace or "@" (a literal "@" in a
 # password must be percent-encoded in a URL).
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/\s@'\"<>]+)@")
-_QUERY_KEYS = ("access_token", "api_key", "apikey", "auth", "authorization", "client_secret", "key", "password",
-               "passwd", "pwd", "secret", "sig", "signature", "token", "x-amz-credential", "x-amz-security-token",
-               "x-amz-signature", "x-goog-signature")
-_QUERY = re.compile(r"(?P<key>[?&;](?:%s)=)[^&\s#'\"<>]*" % "|".join(re.escape(k) for k in _QUERY_KEYS),
-                    re.IGNORECASE)
+from tasks.uri_secrets import CREDENTIAL_QUERY_KEYS as _QUERY_KEYS, query_keys  # noqa: E402 (stdlib only)
+
+
+def _query_pattern(keys) -> re.Pattern:
+    return re.compile(r"(?P<key>[?&;](?:%s)=)[^&\s#'\"<>]*" % "|".join(re.escape(k) for k in keys), re.IGNORECASE)
+
+
+_QUERY = _query_pattern(_QUERY_KEYS)
+_extra_keys: tuple[str, ...] = ()
 _ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "WANDA_DVC_REMOTE", "PREFECT_API_URL")
 _ENV_SECRETS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PREFECT_API_KEY")
 _MIN_SECRET = 4  # shorter literals would mask ordinary words
@@ -53,15 +57,29 @@ def add_secret(value: str | None) -> None:
             _secrets.add(item)
 
 
+def add_query_keys(names) -> None:
+    """Also redact these query parameters (``tracking.secret_query_params``), and the values the
+    environment's URIs give them."""
+    global _QUERY, _extra_keys
+    extra = tuple(k for k in query_keys(names) if k not in _QUERY_KEYS and k not in _extra_keys)
+    if extra:
+        _extra_keys += extra
+        _QUERY = _query_pattern((*_QUERY_KEYS, *_extra_keys))
+        secrets_from_env()
+
+
 def secrets_from_env(environ: Mapping[str, str] | None = None) -> None:
     environ = os.environ if environ is None else environ
+    keys = set(query_keys(_extra_keys))
     for name in _ENV_URIS:
-        parsed = urllib.parse.urlsplit(environ.get(name, ""))
+        value = environ.get(name, "")
+        parsed = urllib.parse.urlsplit(value)
         if parsed.password:
             add_secret(parsed.password)
-        for key, value in urllib.parse.parse_qsl(parsed.query):
-            if key.lower() in _QUERY_KEYS:
-                add_secret(value)
+        query = parsed.query or value.partition("?")[2]  # sqlite:///path?token=... too
+        for key, item in urllib.parse.parse_qsl(query):
+            if key.lower() in keys:
+                add_secret(item)
     for name in _ENV_SECRETS:
         add_secret(environ.get(name))
 

@@ -44,6 +44,24 @@ def model_digests(model_dir: Path) -> dict[str, str]:
     return {"model_dvc_md5": dvc_md5(model_dir), "model_fingerprint": model_fingerprint(model_dir)}
 
 
+def find_identical_version(client: "MlflowClient", name: str, model_dir: Path):
+    """The oldest registered version of ``name`` whose model has the same bytes as ``model_dir``
+    (DVC md5 of the folder and weight fingerprint, as registration tags them), else None."""
+    from mlflow.exceptions import MlflowException
+
+    digests = model_digests(model_dir)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        tags = version.tags or {}
+        if (tags.get(f"{TAG}model_dvc_md5") == digests["model_dvc_md5"]
+                and tags.get(f"{TAG}model_fingerprint") == digests["model_fingerprint"]):
+            return version
+    return None
+
+
 def register_model_version(
     client: "MlflowClient",
     config: TrackingConfig,

@@ -239,37 +239,130 @@ def run_release(
         ok, problems = False, ["nothing to verify"]
     cand_metrics, dense_metrics = version_metrics(client, version)
 
-    with gate_lock(client, resolved, model, timeout_s=lock_timeout_s):
-        champion = _alias_version(client, model, CHAMPION)
-        champion_metrics = None
-        if champion is not None and str(champion.version) != number:
-            champion_metrics, _ = version_metrics(client, champion)
-        decision = decide(cand_metrics, dense_metrics, champion_metrics, criteria, ok, problems)
-        before = str(champion.version) if champion is not None else None
-        if decision.passed and before != number:
-            if before is not None:
-                client.set_registered_model_alias(model, PREVIOUS, before)
-            client.set_registered_model_alias(model, CHAMPION, number)
-            _verify_aliases(client, model, number, before)
-        _tag_version(client, model, number, decision)
-        champion_after = _alias_version(client, model, CHAMPION)
-        previous_after = _alias_version(client, model, PREVIOUS)
-
-    outcome = ReleaseOutcome(
-        model=model, version=number, run_id=version.run_id, decision=decision, champion_before=before,
-        champion_after=str(champion_after.version) if champion_after else None,
-        previous_after=str(previous_after.version) if previous_after else None, lineage_checks=checks,
-    )
     path = Path(decision_path) if decision_path else root / DEFAULT_DECISION
-    write_json(path, outcome.model_dump(mode="json"))
-    outcome.decision_path = str(path)
-    if version.run_id:
-        try:
-            client.log_dict(version.run_id, outcome.model_dump(mode="json"), f"gate/decision-v{number}.json")
-        except Exception as exc:  # noqa: BLE001 - the decision stands; the copy in the run is a convenience
-            log.warning("could not log the decision to run %s: %s", version.run_id, exc)
+    state = {"before": None, "committed": False}
+    try:
+        with gate_lock(client, resolved, model, timeout_s=lock_timeout_s):
+            recover_cut_short(client, model, path)
+            champion = _alias_version(client, model, CHAMPION)
+            champion_metrics = None
+            if champion is not None and str(champion.version) != number:
+                champion_metrics, _ = version_metrics(client, champion)
+            decision = decide(cand_metrics, dense_metrics, champion_metrics, criteria, ok, problems)
+            before = str(champion.version) if champion is not None else None
+            state["before"] = before
+            previous = _alias_version(client, model, PREVIOUS)
+            moves = decision.passed and before != number
+            outcome = ReleaseOutcome(
+                model=model, version=number, run_id=version.run_id, decision=decision, champion_before=before,
+                champion_after=number if decision.passed else before,
+                previous_after=before if moves and before is not None else (
+                    str(previous.version) if previous else None),
+                lineage_checks=checks, decision_path=str(path))
+            # The commit, with SIGTERM/SIGINT held until it is whole: the decision record first
+            # (hidden), then the alias move (the commit point), then the tags and the record's
+            # final name. A crash (SIGKILL) in between is finished or undone by the next gate run.
+            with signals_deferred():
+                write_json(_pending(path), outcome.model_dump(mode="json"))
+                if moves:
+                    if before is not None:
+                        client.set_registered_model_alias(model, PREVIOUS, before)
+                    client.set_registered_model_alias(model, CHAMPION, number)
+                    _verify_aliases(client, model, number, before)
+                state["committed"] = True
+                _finish(client, outcome, path)
+        if version.run_id:
+            try:
+                client.log_dict(version.run_id, outcome.model_dump(mode="json"), f"gate/decision-v{number}.json")
+            except Exception as exc:  # noqa: BLE001 - the decision stands; the copy in the run is a convenience
+                log.warning("could not log the decision to run %s: %s", version.run_id, exc)
+    except KeyboardInterrupt as exc:
+        if not state["committed"] and state["before"] is None:
+            try:  # interrupted before the gate read it: the champion as it stands (unchanged by this run)
+                now = _alias_version(client, model, CHAMPION)
+                state["before"] = str(now.version) if now is not None else None
+            except Exception:  # noqa: BLE001 - the line is said either way
+                pass
+        raise ReleaseInterrupted(_interrupted_line(exc, model, number, state, path)) from None
     log.info("gate %s/%s: %s", model, number, decision.summary())
     return outcome
+
+
+class ReleaseInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT during a gate run; the message says which of the two states it left."""
+
+
+def _interrupted_line(exc: BaseException, model: str, number: str, state: dict, path: Path) -> str:
+    cause = str(exc) or "interrupted"
+    if state["committed"]:
+        return (f"release interrupted ({cause}) after its commit: {model} champion is version {number}, "
+                f"decision {path}")
+    return (f"release interrupted ({cause}) before its commit: {model} champion unchanged "
+            f"(version {state['before'] or 'none'}); nothing recorded for version {number}")
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done, then raise KeyboardInterrupt (main thread
+    only: elsewhere Python cannot change handlers, and the next gate run repairs a cut)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt(f"signal {signal.Signals(caught[0]).name}")
+
+
+def _pending(path: Path) -> Path:
+    return path.parent / f".{path.name}.pending"
+
+
+def _finish(client: "MlflowClient", outcome: ReleaseOutcome, path: Path) -> None:
+    """The rest of a committed decision: the version's tags, then the record under its name."""
+    _tag_version(client, outcome.model, outcome.version, outcome.decision)
+    os.replace(_pending(path), path)
+
+
+def recover_cut_short(client: "MlflowClient", model: str, path: Path) -> None:
+    """Under the gate lock: finish or undo a gate run that died mid-commit (its hidden decision
+    record is still there), and remove temporary files of interrupted writes."""
+    import json
+
+    strays = [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{_pending(path).name}.tmp-*")]
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+        log.warning("removed %s, left by an interrupted write of the decision record", stray)
+    pending = _pending(path)
+    if not pending.is_file():
+        return
+    try:
+        outcome = ReleaseOutcome.model_validate(json.loads(pending.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        pending.unlink(missing_ok=True)
+        log.warning("removed the unreadable decision record %s of a gate run cut short (%s)", pending, exc)
+        return
+    if outcome.model != model:
+        return
+    champion = _alias_version(client, model, CHAMPION)
+    now = str(champion.version) if champion is not None else None
+    if now == outcome.champion_after:  # the commit happened (or a rejection left it as it was)
+        _finish(client, outcome, path)
+        log.warning("finished the gate decision on %s version %s that was cut short after its commit",
+                    model, outcome.version)
+    else:
+        pending.unlink(missing_ok=True)
+        log.warning("discarded the gate decision on %s version %s that was cut short before its commit "
+                    "(champion is still version %s)", model, outcome.version, now)
 
 
 def _verify_aliases(client: "MlflowClient", model: str, champion: str, previous: str | None) -> None:

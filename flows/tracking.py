@@ -49,6 +49,7 @@ class LoggedRun(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     model_source: str | None = None
+    duplicate_of: str | None = None  # the version already registered with these exact model bytes
 
 
 def build_run_lineage(inputs: RunInputs) -> LineageRecord:
@@ -65,6 +66,7 @@ def log_pipeline_run(
     config: TrackingConfig | None = None,
     register: bool = True,
     client: "MlflowClient | None" = None,
+    skip_identical: bool = False,
 ) -> LoggedRun:
     """Log one pipeline run (params, metrics, datasets, tags, artifacts) and register its model.
 
@@ -120,7 +122,20 @@ def log_pipeline_run(
         logged = LoggedRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=redact(resolved.tracking_uri),
                            artifact_uri=run.info.artifact_uri, lineage_digest=record.digest,
                            evaluation_status=cand_status)
-        if register and inputs.model_dir is not None:
+        same = None
+        if register and inputs.model_dir is not None and skip_identical:
+            from .registry import find_identical_version
+
+            model_dir = Path(inputs.model_dir)
+            same = find_identical_version(client, config.registered_model,
+                                          model_dir if model_dir.is_absolute() else Path(inputs.root) / model_dir)
+        if same is not None:  # one version per model bytes: this run is logged, no duplicate registered
+            logged.model_name, logged.model_version, logged.model_source = same.name, str(same.version), same.source
+            logged.duplicate_of = str(same.version)
+            client.set_tag(run_id, f"{TAG}registered_as", f"{same.name}/{same.version}")
+            log.warning("the pruned model is byte-identical to %s version %s (gate: %s): not registered again",
+                        same.name, same.version, (same.tags or {}).get(f"{TAG}gate", "unknown"))
+        elif register and inputs.model_dir is not None:
             version = register_model_version(client, config, run_id, inputs.root, Path(inputs.model_dir), record,
                                              candidate, resolved)
             logged.model_name, logged.model_version, logged.model_source = (
@@ -192,14 +207,21 @@ def params_section(root: str | Path, params_file: str | Path, section: str, mode
     try:
         return model(**values)
     except ValidationError as exc:
+        from tasks.params import error_location
+
         err = exc.errors()[0]
-        raise ConfigError(".".join([section, *map(str, err["loc"])]),
+        raise ConfigError(".".join([section, *error_location(err)]),
                           err["msg"].removeprefix("Value error, ")) from None
 
 
 def tracking_config_from_params(root: str | Path, params_file: str | Path = "params.yaml") -> TrackingConfig:
-    """The ``tracking`` section of the parameter file."""
-    return params_section(root, params_file, "tracking", TrackingConfig)
+    """The ``tracking`` section of the parameter file; its own credential query names are
+    redacted from now on in this process."""
+    from .redact import add_query_keys
+
+    config = params_section(root, params_file, "tracking", TrackingConfig)
+    add_query_keys(config.secret_query_params)
+    return config
 
 
 def track_pipeline_run(root: str | Path, params_file: str = "params.yaml", flow_run_id: str | None = None,
@@ -209,4 +231,4 @@ def track_pipeline_run(root: str | Path, params_file: str = "params.yaml", flow_
     root = Path(root).resolve()
     config = config or tracking_config_from_params(root, params_file)
     inputs = discover_run_inputs(root, params_file=params_file, flow_run_id=flow_run_id)
-    return log_pipeline_run(inputs, config, register=register)
+    return log_pipeline_run(inputs, config, register=register, skip_identical=True)

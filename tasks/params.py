@@ -246,20 +246,28 @@ class TrackingConfig(BaseModel):
     register_source: Literal["artifact", "dvc"] = "artifact"
     dvc_remote_url: str | None = Field(None, description="register_source=dvc: None reads the default DVC remote")
 
-    @field_validator("tracking_uri", "registry_uri", "artifact_root", "dvc_remote_url")
-    @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        # A parameter file is committed, logged to MLflow and shown by Prefect; a password in it
-        # would be everywhere. Credentials come from the environment, which nothing records.
-        if value and "://" in value:
-            import urllib.parse
+    secret_query_params: list[str] = Field(
+        default_factory=list, description="query parameters that carry credentials on your servers, besides "
+        "token, password, key, secret, sig, access_token...: refused in URIs here, redacted everywhere")
 
-            parts = urllib.parse.urlsplit(value)
-            if parts.username is not None or parts.password is not None:
-                raise ValueError("a URI with user:password@ is refused here (it would be stored and logged); "
-                                 "allowed: the URI without credentials, with them in $MLFLOW_TRACKING_URI or "
-                                 "$MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD")
-        return value
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "TrackingConfig":
+        # A parameter file is committed, logged to MLflow and shown by Prefect; a password or a
+        # token in it would be everywhere. Credentials come from the environment, which nothing
+        # records. The message names the parts, never their values.
+        from pydantic_core import PydanticCustomError
+
+        from .uri_secrets import credential_parts
+
+        for name in ("tracking_uri", "registry_uri", "artifact_root", "dvc_remote_url"):
+            found = credential_parts(getattr(self, name), self.secret_query_params)
+            if found:
+                raise PydanticCustomError(
+                    "uri_credentials", "{parts} is refused here (credentials in a URI would be stored and "
+                    "logged); allowed: the URI without them, with them in $MLFLOW_TRACKING_URI / "
+                    "$MLFLOW_REGISTRY_URI or $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD/"
+                    "$MLFLOW_TRACKING_TOKEN", {"field": name, "parts": ", ".join(found)})
+        return self
 
 
 # One field per stage of tasks/graph.py (the one stage list), defaulting to artifacts/<stage>.
@@ -466,7 +474,7 @@ def error_lines(exc: ValidationError) -> list[tuple[str, str]]:
     """``(dotted field, message)`` per error; unknown keys list the allowed ones."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"])
+        loc = ".".join(error_location(err))
         message = _clean(err["msg"])
         if not loc and message.startswith(_PRUNE_PREFIX):
             loc, message = "masks", message.removeprefix(_PRUNE_PREFIX)
@@ -476,6 +484,14 @@ def error_lines(exc: ValidationError) -> list[tuple[str, str]]:
                 message += f" (allowed: {', '.join(model.model_fields)})"
         lines.append((loc or "params", message))
     return lines
+
+
+def error_location(err: dict) -> list[str]:
+    """The dotted location of one pydantic error; a model-level check names its field in
+    ``ctx.field`` (the URI credential check sees the whole section, so its loc is the section)."""
+    loc = [str(part) for part in err["loc"]]
+    field = (err.get("ctx") or {}).get("field")
+    return [*loc, field] if err["type"] == "uri_credentials" and field else loc
 
 
 def validate_params(data: dict[str, Any]) -> PipelineParams:

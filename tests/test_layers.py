@@ -81,3 +81,36 @@ def test_log_records_are_redacted_when_made(caplog):
             logger.exception("request failed")
     text = caplog.text + json.dumps([r.getMessage() for r in caplog.records])
     assert "topsecret" not in text and text.count("://***@host") >= 3
+
+
+def test_query_string_credentials_are_credentials(tmp_path):
+    """Issue 25: ``?token=`` and the names a tracking section adds are refused like
+    ``user:password@`` (the field named, the value never echoed) and redacted."""
+    from flows.redact import add_query_keys, redact
+    from tasks.params import TrackingConfig, load_params
+    from tasks.uri_secrets import credential_parts
+
+    assert credential_parts("sqlite:///x/mlflow.db?password=s3cret&mode=ro") == ["?password="]
+    assert credential_parts("http://u:p@h/?Token=a&sig=b") == ["user:password@", "?Token=", "?sig="]
+    assert credential_parts("http://h:5000/?my_tok=a", ["MY_TOK"]) == ["?my_tok="]
+    assert credential_parts("http://h:5000/path?page=2") == [] and credential_parts(None) == []
+    path = tmp_path / "params.yaml"
+    for text, field in (("tracking:\n  tracking_uri: http://h/?access_token=abcdef\n", "tracking.tracking_uri"),
+                        ("tracking:\n  secret_query_params: [my_tok]\n  registry_uri: http://h/?my_tok=abcdef\n",
+                         "tracking.registry_uri")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_params(path)
+        assert err.value.field == field and "abcdef" not in str(err.value) and "is refused" in str(err.value)
+    assert TrackingConfig(tracking_uri="http://h:5000/?page=2").tracking_uri == "http://h:5000/?page=2"
+    assert redact("http://h/?my_tok2=abc&x=1") == "http://h/?my_tok2=abc&x=1"
+    add_query_keys(["my_tok2"])
+    assert redact("http://h/?my_tok2=abc&x=1") == "http://h/?my_tok2=***&x=1"
+
+
+def test_oversampling_note():
+    from wanda.calibration import oversampling_note
+
+    assert oversampling_note(10_000, 16, 256) is None
+    note = oversampling_note(664, 16, 256)
+    assert "664 tokens" in note and "16 x 256 = 4096" in note and "oversampling ratio 6.17x" in note

@@ -29,7 +29,36 @@ def _corrupt_model_config(root: Path) -> list[str]:
     return []
 
 
+def _missing_shard(root: Path) -> list[str]:
+    """A sharded checkpoint whose index names a shard the folder lacks (issue 25)."""
+    import json
+
+    _write(root, "fixtures/tiny-model/model.safetensors.index.json", json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                        "b": "model-00002-of-00002.safetensors"}}).encode())
+    _write(root, "fixtures/tiny-model/model-00001-of-00002.safetensors", b"x" * 64)
+    return []
+
+
+def _symlinked_folder(root: Path) -> list[str]:
+    """artifacts/masks replaced by a link to a folder outside the workspace (issue 25): DVC
+    changed the target's mode to 777 before failing with its raw message."""
+    import os
+    import shutil
+
+    outside = root.parent / "outside-masks"
+    shutil.copytree(root / "artifacts/masks", outside)
+    os.chmod(outside, 0o755)
+    shutil.rmtree(root / "artifacts/masks")
+    (root / "artifacts/masks").symlink_to(outside, target_is_directory=True)
+    return ["-S", "masks.sparsity=0.6"]
+
+
 CASES = {
+    "missing-shard": (_missing_shard, "model.source: model.safetensors.index.json in "),
+    "huge-seqlen": (lambda root: ["-S", "calibration.seqlen=100000"],
+                    "calibration.seqlen: 100000 exceeds the model's context of 256 tokens"),
+    "symlinked-folder": (_symlinked_folder, "paths.masks: artifacts/masks is a symbolic link to "),
     "calibration-seqlen": (lambda root: ["-S", "calibration.seqlen=4096"],
                            "calibration.seqlen: 4096 exceeds the model's context of 256 tokens (allowed: 2..256)"),
     "evaluation-seqlen": (lambda root: ["-S", "evaluate.perplexity.seqlen=300"],
@@ -72,3 +101,7 @@ def test_bad_input_fails_before_any_stage_and_changes_nothing(tmp_path, case):
     assert "Starting temporary server" not in result.stdout + result.stderr  # before Prefect started
     assert (root / "params.yaml").read_bytes() == params
     assert _snapshot(root) == before  # dvc.lock, artifacts, the DVC cache: untouched
+    outside = root.parent / "outside-masks"
+    if outside.exists():  # nothing outside the workspace changed either
+        assert oct(outside.stat().st_mode & 0o777) == oct(0o755)
+        assert all(oct(p.stat().st_mode & 0o777) != oct(0o777) for p in outside.rglob("*"))

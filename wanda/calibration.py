@@ -66,6 +66,16 @@ def check_tokens(ids: torch.Tensor, seqlen: int, source: str) -> None:
         )
 
 
+def oversampling_note(ntokens: int, nsamples: int, seqlen: int) -> str | None:
+    """A warning when ``nsamples`` windows of ``seqlen`` tokens need more tokens than the text has
+    (windows then overlap: the same tokens are counted several times); None otherwise."""
+    needed = nsamples * seqlen
+    if ntokens >= needed:
+        return None
+    return (f"calibration text has {ntokens} tokens, fewer than calibration.nsamples x calibration.seqlen = "
+            f"{nsamples} x {seqlen} = {needed}: windows overlap (oversampling ratio {needed / max(ntokens, 1):.2f}x); use a longer text or fewer/shorter windows")
+
+
 def sample_wikitext(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     """The reference's WikiText sampler, exactly: ``random.seed(seed)`` then one randint per sample."""
     random.seed(seed)
@@ -135,6 +145,9 @@ def sample_calibration(
     if config.sampler == "wikitext":
         ids = tokenize(tokenizer, loaded.text)
         check_tokens(ids, config.seqlen, loaded.source)
+        note = oversampling_note(ids.numel(), config.nsamples, config.seqlen)
+        if note:
+            log.warning("%s: %s", loaded.source, note)
         tokens, starts = sample_wikitext(ids, config.nsamples, config.seqlen, config.seed)
         ntokens = ids.numel()
     else:
