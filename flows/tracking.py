@@ -25,8 +25,8 @@ from .redact import redact
 from .mlflow_uris import TAG, ensure_experiment, get_client, resolve_tracking
 from .registry import register_model_version
 from .run_inputs import RunInputs, current_flow_run_id, discover_run_inputs
-from .run_metrics import evaluation_metrics, flatten, latency_figures, load_eval, metric_name, sparsity_metrics, \
-    stage_metrics
+from .run_metrics import evaluation_metrics, flatten, latency_figures, load_eval, metric_name, savings_figures, \
+    sparsity_metrics, stage_metrics
 from .run_tags import lineage_tags
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ def log_pipeline_run(
     metrics.update(sparsity_metrics(inputs.sparsity))
     metrics.update(stage_metrics(record))
     metrics.update(latency_figures(inputs.benchmark))
+    metrics.update(savings_figures(inputs.savings))
 
     run = client.create_run(experiment_id, run_name=inputs.run_name,
                             tags={k: v for k, v in tags.items() if v != ""})

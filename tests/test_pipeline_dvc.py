@@ -64,7 +64,7 @@ def test_sparsity_change_reruns_masks_onward_only(tmp_path):
     changed = status(root)
     assert set(changed) == {"masks"}  # DVC sees the parameter; dependents follow once masks' bytes change
     ran, restored = repro(root)
-    assert ran == {"masks", "prune", "evaluate", "export_24", "engine", "benchmark"}
+    assert ran == {"masks", "prune", "evaluate", "export_24", "engine", "benchmark", "savings"}
     after = _manifest_times(root)
     for name in ("materialize", "calibration", "statistics", "dense_eval"):
         assert after[name] == before[name], name
