@@ -126,11 +126,26 @@ def log_pipeline_run(
                                              candidate, resolved)
             logged.model_name, logged.model_version, logged.model_source = (
                 version.name, str(version.version), version.source)
+            note = savings_note(inputs)
+            if note:  # what the version saves, on the version itself (the registry's card)
+                client.set_model_version_tag(version.name, version.version, f"{TAG}savings", note[:4000])
         client.set_terminated(run_id, "FINISHED")
         return logged
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def savings_note(inputs: RunInputs) -> str:
+    """One line for the registered version: the savings stage's headline ratios and its plain
+    sentences (e.g. that unstructured sparsity saves nothing in dense runtimes)."""
+    figures = inputs.savings or {}
+    if not figures:
+        return ""
+    parts = [f"{key} {figures[key]:.3g}" for key in ("param_reduction", "bytes_reduction", "prefill_speedup",
+                                                    "decode_speedup", "peak_memory_ratio") if key in figures]
+    sentences = ((inputs.manifests.get("savings") or {}).get("summary") or {}).get("sentences") or []
+    return "; ".join(parts + list(sentences))
 
 
 def _now_ms() -> int:

@@ -65,6 +65,8 @@ def test_savings_stage_through_the_cli_tracked_and_gated(tmp_path):
     assert run.data.metrics["savings.decode_speedup"] == pytest.approx(metrics["decode_speedup"])
     assert "savings.md" in {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "extra")}
 
+    version = client.get_model_version("tiny-savings", json.loads(tracked.stdout[tracked.stdout.index("{"):])["model_version"])
+    assert "param_reduction 0" in version.tags["wanda.savings"] and "stored dense" in version.tags["wanda.savings"]
     # An unstructured model removes no parameter: a gate asking for 10% rejects it, by name.
     rejected = _cli(root, "release", *names, "--min-param-reduction", "0.1")
     assert rejected.returncode == 1 and "min_param_reduction" in rejected.stdout, rejected.stdout + rejected.stderr

@@ -6,8 +6,10 @@
 - peak memory to load and to generate: each model in a fresh Python process (so one model's
   freed memory cannot hide the other's), as the peak resident set (Linux ``VmHWM``) minus the
   resident set after importing torch and transformers; for generation the peak is reset
-  (``/proc/self/clear_refs``) after loading, so it is what generating adds on top of the loaded
-  weights. On CUDA, ``torch.cuda.max_memory_allocated`` instead;
+  (``/proc/self/clear_refs``) after loading and the figure is the load peak plus what generating
+  adds. Safetensors weights are memory-mapped: they become resident when first used, so the
+  load figure is small and the generate figure is the peak a server reaches. On CUDA,
+  ``torch.cuda.max_memory_allocated`` instead;
 - prefill tokens/s (one forward of ``prefill_tokens``, logits of the last position only, as
   ``generate`` does) and decode tokens/s (``decode_tokens`` greedy steps with the KV cache), the
   two models interleaved (dense, candidate, dense, ...) after a warm-up each, medians of
