@@ -22,7 +22,9 @@ _CRITERIA_FLAGS = {
     "max_ppl_increase_abs": "absolute perplexity increase over dense",
     "max_mean_acc_drop": "drop of mean zero-shot accuracy (0..1)",
     "min_sparsity": "actual overall sparsity",
-    "min_speedup": "dense/sparse latency",
+    "min_speedup": "dense/sparse latency of the TensorRT-LLM engines (benchmark stage)",
+    "min_param_reduction": "1 - pruned/dense parameter count (savings stage)",
+    "min_decode_speedup": "pruned/dense decode tokens/s in transformers (savings stage)",
     "champion_margin": "perplexity may exceed the champion's by this fraction",
     "champion_acc_margin": "mean accuracy may trail the champion's by this much",
 }

@@ -16,7 +16,9 @@ Rules that hold whatever the criteria say:
   unless ``require_speed`` is set: engines are built only where a GPU exists, and a CPU-only
   pipeline must still be able to release; teams that release for serving set ``require_speed``.
   Likewise zero-shot accuracy when neither the candidate nor the dense baseline has any
-  (``require_zeroshot``); when only one of them has it, the evaluation is incomplete and fails.
+  (``require_zeroshot``); when only one of them has it, the evaluation is incomplete and fails;
+- ``min_param_reduction`` and ``min_decode_speedup`` read the savings stage (transformers on the
+  pipeline's device, every machine has it), so a missing figure fails when they are set.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ BLOCK_SPARSITY_KEYS = ("sparsity.block", "block_sparsity")
 COVERAGE_KEYS = ("sparsity.coverage", "coverage")
 LATENCY_KEYS = ("latency_ms", "latency.mean_ms", "latency.p50_ms")
 SPEEDUP_KEYS = ("speedup",)
+# The savings stage's figures as the tracker logs them (flows/run_metrics.py savings_figures).
+PARAM_REDUCTION_KEYS = ("savings.param_reduction", "param_reduction")
+DECODE_SPEEDUP_KEYS = ("savings.decode_speedup", "decode_speedup")
 
 
 class GateMetrics(BaseModel):
@@ -55,6 +60,8 @@ class GateMetrics(BaseModel):
     coverage: float | None = None  # fraction of decoder-block weights that were targets
     latency_ms: float | None = None
     speedup: float | None = None  # when measured directly against the dense engine
+    param_reduction: float | None = None  # savings stage: 1 - pruned/dense parameter count
+    decode_speedup: float | None = None  # savings stage: pruned/dense decode tokens/s in transformers
     eval_tokens_digest: str | None = None  # perplexity tokens: equal digests => comparable
     evaluation_ok: bool = True
 
@@ -80,6 +87,8 @@ class GateMetrics(BaseModel):
             coverage=first(COVERAGE_KEYS),
             latency_ms=first(LATENCY_KEYS),
             speedup=first(SPEEDUP_KEYS),
+            param_reduction=first(PARAM_REDUCTION_KEYS),
+            decode_speedup=first(DECODE_SPEEDUP_KEYS),
         )
         values.update(extra)
         return cls(**values)
@@ -220,6 +229,13 @@ def decide(
             checks.append(Check(criterion="min_speedup", value=speedup, threshold=criteria.min_speedup,
                                 ok=math.isfinite(speedup) and speedup >= criteria.min_speedup))
 
+    if criteria.min_param_reduction is not None:
+        checks.append(_savings_check("min_param_reduction", cand.param_reduction, criteria.min_param_reduction,
+                                     "parameters removed (unstructured zeros are stored dense and count as kept)"))
+    if criteria.min_decode_speedup is not None:
+        checks.append(_savings_check("min_decode_speedup", cand.decode_speedup, criteria.min_decode_speedup,
+                                     "decode tokens/s against dense in transformers"))
+
     checks += _champion_checks(cand, champ, criteria)
     passed = all(c.ok for c in checks)
     return GateDecision(passed=passed, reasons=checks, criteria=criteria, candidate=cand, dense=base,
@@ -237,6 +253,16 @@ def _sparsity_check(cand: GateMetrics, threshold: float) -> Check:
         value, note = None, "actual sparsity not recorded"
     return Check(criterion="min_sparsity", value=value, threshold=threshold,
                  ok=_finite(value) and value >= threshold - 1e-9, note=note)
+
+
+def _savings_check(criterion: str, value: float | None, threshold: float, what: str) -> Check:
+    """A savings figure that was asked for but never measured fails: unlike the engine latency,
+    the savings stage runs on every machine, so a missing figure means the run is incomplete."""
+    if value is None:
+        return Check(criterion=criterion, value="not measured", threshold=threshold, ok=False,
+                     note=f"{what}: no savings figure recorded (run the savings stage)")
+    return Check(criterion=criterion, value=value, threshold=threshold,
+                 ok=_finite(value) and value >= threshold - 1e-9, note=what)
 
 
 def _coverage_check(cand: GateMetrics, threshold: float) -> Check:

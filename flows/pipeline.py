@@ -1,7 +1,7 @@
 """``prune_pipeline``: the whole chain, every stage a Prefect task cached by DVC's stage state.
 
 materialize -> calibration -> statistics -> masks -> prune -> dense_eval -> evaluate
--> export_24 -> engine -> benchmark
+-> export_24 -> engine -> benchmark; evaluate -> savings
 """
 from __future__ import annotations
 

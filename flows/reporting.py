@@ -66,6 +66,11 @@ def publish_pipeline(root: Path, paths, outcomes: list[StageOutcome]) -> None:
     create_markdown_artifact(key="wanda-metrics",
                              markdown=redact(metrics_markdown(root, paths.masks, paths.evaluate)),
                              description="Perplexity (and zero-shot accuracy) of the pruned model vs dense")
+    savings = root / paths.savings / "savings.md"
+    if savings.is_file():
+        create_markdown_artifact(key="wanda-savings", markdown=redact(savings.read_text(encoding="utf-8")),
+                                 description="What the pruned model saves against dense: parameters, bytes, "
+                                             "peak memory, prefill/decode tokens/s (same run)")
 
 
 def artifact_key(prefix: str, name: str) -> str:

@@ -36,6 +36,7 @@ class RunInputs:
     dense_eval: Path | None = None
     sparsity: dict[str, Any] | None = None  # wanda.sparsity_report(...) as masks/sparsity.json holds it
     benchmark: dict[str, Any] | None = None  # BenchmarkReport dump, or flat figures
+    savings: dict[str, Any] | None = None  # the savings stage's metrics.json (pruned against dense)
     model_dir: Path | None = None  # the pruned model folder
     plots: list[Path] = field(default_factory=list)
     flow_run_id: str | None = None
@@ -88,6 +89,10 @@ def discover_run_inputs(root: str | Path, params_file: str = "params.yaml", **ov
     bench = root / folders["benchmark"] / "benchmark.json"
     if _status(manifests.get("benchmark")) == "completed" and bench.is_file():
         found["benchmark"] = json.loads(bench.read_text())
+    savings = root / folders["savings"] / "metrics.json"
+    if _status(manifests.get("savings")) == "completed" and savings.is_file():
+        found["savings"] = json.loads(savings.read_text())
+        found.setdefault("extra_artifacts", []).append(savings.with_name("savings.md"))
     model = root / folders["prune"] / "model"
     if (model / "config.json").is_file():
         found["model_dir"] = model

@@ -57,6 +57,13 @@ def latency_figures(benchmark: Mapping[str, Any] | None) -> dict[str, float]:
     return figures
 
 
+def savings_figures(savings: Mapping[str, Any] | None) -> dict[str, float]:
+    """The savings stage's figures under ``savings.`` (``savings.param_reduction``,
+    ``savings.decode_speedup``, ``savings.dense.params_total``, ...), as the gate reads them."""
+    return {f"savings.{key}": float(value) for key, value in (savings or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def load_eval(path: Path | None):
     """``(EvaluationResult | None, status)``: status is ok, missing, or failed: <reason>."""
     if path is None or not Path(path).is_file():

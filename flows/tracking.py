@@ -25,8 +25,8 @@ from .redact import redact
 from .mlflow_uris import TAG, ensure_experiment, get_client, resolve_tracking
 from .registry import register_model_version
 from .run_inputs import RunInputs, current_flow_run_id, discover_run_inputs
-from .run_metrics import evaluation_metrics, flatten, latency_figures, load_eval, metric_name, sparsity_metrics, \
-    stage_metrics
+from .run_metrics import evaluation_metrics, flatten, latency_figures, load_eval, metric_name, savings_figures, \
+    sparsity_metrics, stage_metrics
 from .run_tags import lineage_tags
 
 if TYPE_CHECKING:
@@ -107,6 +107,7 @@ def log_pipeline_run(
     metrics.update(sparsity_metrics(inputs.sparsity))
     metrics.update(stage_metrics(record))
     metrics.update(latency_figures(inputs.benchmark))
+    metrics.update(savings_figures(inputs.savings))
 
     run = client.create_run(experiment_id, run_name=inputs.run_name,
                             tags={k: v for k, v in tags.items() if v != ""})
@@ -140,11 +141,26 @@ def log_pipeline_run(
                                              candidate, resolved)
             logged.model_name, logged.model_version, logged.model_source = (
                 version.name, str(version.version), version.source)
+            note = savings_note(inputs)
+            if note:  # what the version saves, on the version itself (the registry's card)
+                client.set_model_version_tag(version.name, version.version, f"{TAG}savings", note[:4000])
         client.set_terminated(run_id, "FINISHED")
         return logged
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def savings_note(inputs: RunInputs) -> str:
+    """One line for the registered version: the savings stage's headline ratios and its plain
+    sentences (e.g. that unstructured sparsity saves nothing in dense runtimes)."""
+    figures = inputs.savings or {}
+    if not figures:
+        return ""
+    parts = [f"{key} {figures[key]:.3g}" for key in ("param_reduction", "bytes_reduction", "prefill_speedup",
+                                                    "decode_speedup", "peak_memory_ratio") if key in figures]
+    sentences = ((inputs.manifests.get("savings") or {}).get("summary") or {}).get("sentences") or []
+    return "; ".join(parts + list(sentences))
 
 
 def _now_ms() -> int:

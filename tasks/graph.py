@@ -80,6 +80,10 @@ STAGES: tuple[StageSpec, ...] = (
               description="TensorRT-LLM engines, sparse and dense (skipped without a GPU and trtllm-build)"),
     StageSpec("benchmark", ("benchmark",), ("prune", "export_24", "engine"),
               description="trtllm-bench latency of the sparse vs dense engines (skipped without engines)"),
+    StageSpec("savings", ("savings", "runtime"), ("materialize", "prune", "evaluate"),
+              metrics=("metrics.json",), files=("savings.md", "manifest.json"),
+              description="parameters, bytes, peak memory and prefill/decode tokens/s of the pruned model "
+                          "against the dense base, measured in the same run"),
 )
 
 # Stages a sweep point may re-run on its own; everything before the first of them that a point

@@ -202,6 +202,16 @@ class BenchmarkSection(Section):
     timeout_s: float | None = Field(None, gt=0)
 
 
+class SavingsSection(Section):
+    """The ``savings`` stage: how prefill and decode speed are measured (small defaults keep the
+    embedded default fast; a release measures at its serving shapes)."""
+
+    prefill_tokens: int = Field(128, ge=1, description="prompt tokens of the timed prefill")
+    decode_tokens: int = Field(16, ge=1, description="greedy tokens of the timed decode, KV cache on")
+    repetitions: int = Field(3, ge=1, description="interleaved timings per model; medians are reported")
+    threads: int = Field(1, ge=1, description="torch CPU threads while timing")
+
+
 class GateCriteria(BaseModel):
     """The ``gate`` section: release criteria for flows/gate_policy.py; ``None`` disables a
     criterion (the policy's hard rules still apply)."""
@@ -219,6 +229,12 @@ class GateCriteria(BaseModel):
         0.95, ge=0.0, le=1.0, description="fraction of decoder-block weights that were pruning targets")
     min_speedup: float | None = Field(None, gt=0.0, description="dense latency / candidate latency")
     require_speed: bool = Field(False, description="fail when no latency figure exists")
+    # The savings stage's figures (transformers on runtime.device, against the dense base in the
+    # same run), beside min_speedup's TensorRT-LLM engine latency. Missing figures fail.
+    min_param_reduction: float | None = Field(
+        None, ge=0.0, lt=1.0, description="1 - pruned/dense parameter count (savings stage): removed weights only")
+    min_decode_speedup: float | None = Field(
+        None, gt=0.0, description="pruned/dense decode tokens/s in transformers (savings stage)")
     champion_margin: float | None = Field(
         0.0, ge=0.0, description="candidate perplexity may exceed the champion's by this fraction")
     champion_acc_margin: float | None = Field(
@@ -313,6 +329,7 @@ class PipelineParams(Section):
     export_24: Export24Section = Field(default_factory=Export24Section)
     engine: EngineSection = Field(default_factory=EngineSection)
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
+    savings: SavingsSection = Field(default_factory=SavingsSection)
     paths: PathsSection = Field(default_factory=PathsSection)
     # Read by the release flows (flows/release.py, flows/tracking.py), not by any stage here.
     gate: GateCriteria | None = None

@@ -13,7 +13,7 @@ from tests.pipeline_project import copy_project, sh, status
 
 pytestmark = pytest.mark.integration
 
-AFTER_MASKS = ("prune", "dense_eval", "evaluate", "export_24", "engine", "benchmark")
+AFTER_MASKS = ("prune", "dense_eval", "evaluate", "export_24", "engine", "benchmark", "savings")
 
 
 def _cli(root, *args):

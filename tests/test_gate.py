@@ -108,6 +108,28 @@ def test_speedup_from_latencies_or_measured():
     assert decide({**GOOD, "speedup": 1.5}, DENSE, None, criteria).passed
 
 
+def test_savings_criteria_pass_and_reject_and_a_missing_figure_fails():
+    """min_param_reduction / min_decode_speedup read the savings stage's figures (as tracked:
+    ``savings.*``); unlike the engine latency they exist on every machine, so missing fails."""
+    criteria = GateCriteria(min_param_reduction=0.2, min_decode_speedup=1.1)
+    smaller = {**GOOD, "savings.param_reduction": 0.3, "savings.decode_speedup": 1.25}
+    decision = decide(smaller, DENSE, None, criteria)
+    assert decision.passed, decision.summary()
+    values = {c.criterion: c.value for c in decision.reasons}
+    assert values["min_param_reduction"] == pytest.approx(0.3) and values["min_decode_speedup"] == pytest.approx(1.25)
+    # Unstructured 50%: nothing removed, dense speed.
+    unstructured = {**GOOD, "savings.param_reduction": 0.0, "savings.decode_speedup": 0.98}
+    assert failed(decide(unstructured, DENSE, None, criteria)) == {"min_param_reduction", "min_decode_speedup"}
+    missing = decide(GOOD, DENSE, None, criteria)
+    assert failed(missing) == {"min_param_reduction", "min_decode_speedup"}
+    assert all(c.value == "not measured" for c in missing.failures)
+    # Off by default; the engine criterion keeps its own name and meaning.
+    assert GateCriteria().min_param_reduction is None and GateCriteria().min_decode_speedup is None
+    assert "min_param_reduction" not in {c.criterion for c in decide(GOOD, DENSE, None, GateCriteria()).reasons}
+    with pytest.raises(ValueError):
+        GateCriteria(min_param_reduction=1.0)
+
+
 def test_zeroshot_optional_only_when_nobody_measured_it():
     no_zs = {"perplexity": 11.0, "sparsity": 0.5}
     decision = decide(no_zs, {"perplexity": 10.0}, None, GateCriteria())

@@ -112,4 +112,4 @@ def test_dvc_yaml_is_generated_from_the_stage_table():
 def test_graph_masks_depend_on_statistics_not_the_reverse():
     assert graph.ancestors("masks") == {"materialize", "calibration", "statistics"}
     assert "statistics" not in graph.descendants("masks")
-    assert graph.descendants("masks") == {"prune", "evaluate", "export_24", "engine", "benchmark"}
+    assert graph.descendants("masks") == {"prune", "evaluate", "export_24", "engine", "benchmark", "savings"}

@@ -48,7 +48,7 @@ def test_pipeline_flow_runs_changed_stages_then_everything_is_cached(harness, tm
     result = prune_pipeline(repo=str(root), overrides=["masks.sparsity=0.6"])
     actions = {o["address"]: o["action"] for o in result["outcomes"]}
     assert {k for k, v in actions.items() if v == "ran"} == {"masks", "prune", "evaluate", "export_24", "engine",
-                                                             "benchmark"}
+                                                             "benchmark", "savings"}
     assert {k for k, v in actions.items() if v == "cached"} == {"materialize", "calibration", "statistics",
                                                                 "dense_eval"}
     assert "sparsity: 0.6" in (root / "params.yaml").read_text()  # DVC read the override from params.yaml

@@ -40,7 +40,7 @@ MODEL = "tiny-pruned"
 # fail by pruning too little. Perplexity/accuracy criteria are covered by tests/test_gate.py.
 GATE = {"max_ppl_increase_rel": 0.5, "max_mean_acc_drop": 0.2, "min_sparsity": 0.4, "champion_margin": 0.05}
 HAS_ZEROSHOT = (shared_data_dir() / "zeroshot" / "boolq").is_dir()
-RERUN = ("masks", "prune", "evaluate", "export_24", "engine", "benchmark")  # what a masks change invalidates
+RERUN = ("masks", "prune", "evaluate", "export_24", "engine", "benchmark", "savings")  # what a masks change invalidates
 
 
 def _client(root: Path):
