@@ -148,8 +148,12 @@ def _folders(root: Path) -> list[str]:
 
 
 def _snapshot(root: Path, target: Path) -> None:
+    from tasks.common import run_facts_path
+
     for folder in _folders(root):
         shutil.copytree(root / folder, target / folder)
+        if run_facts_path(root / folder).is_file():  # the run's facts live beside the folder
+            shutil.copy2(run_facts_path(root / folder), run_facts_path(target / folder))
     for name in ("dvc.lock", "params.yaml"):
         shutil.copy2(root / name, target / name)
 
@@ -157,9 +161,13 @@ def _snapshot(root: Path, target: Path) -> None:
 def switch(root: Path, sparsity: float) -> None:
     """Make the workspace hold the run with ``sparsity`` (outputs, params.yaml, dvc.lock)."""
     snapshot = root.parent / "variants" / str(sparsity)
+    from tasks.common import run_facts_path
+
     for folder in _folders(root):
         shutil.rmtree(root / folder, ignore_errors=True)
         shutil.copytree(snapshot / folder, root / folder)
+        if run_facts_path(snapshot / folder).is_file():
+            shutil.copy2(run_facts_path(snapshot / folder), run_facts_path(root / folder))
     for name in ("dvc.lock", "params.yaml"):
         shutil.copy2(snapshot / name, root / name)
 
