@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tasks.offline import apply_offline_env
@@ -101,8 +102,9 @@ def _print_outcomes(result: dict) -> None:
         print(f"{row['stage'].ljust(width)}  {row['action']:<9}  {row['task s']:>7.2f}s{extra}")
 
 
-def _validate_first(args) -> None:
-    """Parameters are checked before Prefect or DVC start: bad input fails in a second."""
+def _validate_first(args):
+    """Parameters are checked before Prefect or DVC start: bad input fails in a second.
+    Returns ``(root, params)``."""
     from flows import dvc
     from flows.prepare import preflight, resolve_params_file
     from tasks.params import load_params
@@ -121,6 +123,26 @@ def _validate_first(args) -> None:
         data = apply_overrides(read_yaml(resolve_params_file(root, args.params)), args.overrides)
         plan_sweep(args.name, parse_axes(_axes(args)), params, data)
         sweep_settings(params.sweep, args.runner)
+    return root, params
+
+
+def _nothing_to_run(args, root, params) -> bool:
+    """A plain ``run --no-track`` whose stages are all current does no work, so it answers
+    without starting Prefect (its temporary server alone takes 10-20 s on 2 cores): true when no
+    flag asks for work (``--force``, overrides, tracking, ``--release``, ``--json``), DVC finds
+    every stage needed up to date, and no content check forces one (a model source or text
+    changed behind an unchanged path)."""
+    from flows import dvc
+    from flows.prepare import content_force_reasons
+    from tasks import graph
+
+    if args.force or args.overrides or args.release or not args.no_track or args.json:
+        return False
+    wanted = set(graph.order()) if not args.target else {
+        name for target in args.target for name in (target, *graph.ancestors(target))}
+    if set(content_force_reasons(root, params)) & wanted:
+        return False
+    return not dvc.status(root, [name for name in graph.order() if name in wanted])
 
 
 def _check_tracking(args, params, root: Path) -> None:
@@ -149,8 +171,13 @@ def cmd_run(args) -> int:
     from flows import dvc
     from flows.run_lock import workspace_lock
 
+    started = time.perf_counter()
     with workspace_lock(dvc.find_root(args.repo)):  # a second run is refused before anything is written
-        _validate_first(args)
+        root, params = _validate_first(args)
+        if _nothing_to_run(args, root, params):
+            print(f"every stage is cached: nothing to run (Prefect not started); done in "
+                  f"{time.perf_counter() - started:.1f}s")
+            return EXIT_OK
         from flows.pipeline import prune_pipeline  # Prefect: seconds of imports, after the parameters are checked
 
         result = prune_pipeline(params_file=args.params, overrides=args.overrides, repo=args.repo,
