@@ -76,10 +76,10 @@ def llama64():
 # --no-loadscope-reorder; its own default puts files with many tests first, which leaves the few
 # long integration files for the end, run by one worker while the other idles).
 SLOW_FILES = (
-    "test_sweep_distributed.py", "test_regression_figures.py", "test_deploy_servers.py", "test_release_safety.py",
+    "test_sweep_distributed.py", "test_one_run_params.py", "test_regression_figures.py", "test_deploy_servers.py",
+    "test_release_safety.py", "test_regression_oracles.py", "test_savings.py", "test_early_cutoff.py",
     "test_pipeline_prefect.py", "test_preflight_cli.py", "test_progress.py", "test_pipeline_dvc.py",
     "test_serving_stages.py", "test_processes.py", "test_damaged_cache.py", "test_tracking.py",
-    "test_regression_oracles.py", "test_early_cutoff.py",
 )
 
 
