@@ -156,9 +156,12 @@ def test_second_run_is_refused_before_writing_and_a_failed_run_restores_params(t
     assert "prune" in err and (root / "params.yaml").read_bytes() == before
 
 
-def test_identical_model_is_not_registered_twice_and_partial_cache_files_are_cleaned(tmp_path):
+def test_identical_model_is_not_registered_twice_and_partial_cache_files_are_cleaned(tmp_path, monkeypatch):
     """Issue 25: a plain re-run registers no new, identical version (it says which one it is);
     DVC's partial cache files from an interrupted write are removed by the next run."""
+    # The project's own SQLite registry, whatever an earlier test in this process left set.
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
     root = copy_project(tmp_path / "p")
     first = _cli(root, "run")
     assert first.returncode == 0, first.stderr[-3000:]
